@@ -1,0 +1,105 @@
+"""Configuration of DREAM draft models."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+FUSION_MODES = ("cross_attention", "concat")
+DRAFT_SCHEDULES = ("constant", "heuristic")
+
+
+class DreamConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`DreamDraftModel`]: a small drafter that proposes tokens for one target
+    vision-language model and is verified by it.
+
+    Sizes are copied from the target's text model by [`DreamDraftModel.from_target`]; the
+    `target_*` fields record which target the drafter was built for, so that a drafter used with
+    another target fails with a clear error instead of drafting garbage.
+
+    Args:
+        vocab_size (`int`): Size of the target's text vocabulary (the drafter uses the target's
+            own input embeddings and lm_head, so it must match exactly).
+        hidden_size (`int`): Hidden size of the target's text model; the drafter runs at the same width.
+        intermediate_size (`int`): MLP width of the draft blocks (the target's by default).
+        num_attention_heads (`int`): Attention heads of the draft blocks.
+        num_key_value_heads (`int`): Key/value heads of the draft blocks (grouped-query attention).
+        head_dim (`int`): Dimension of one attention head.
+        hidden_act (`str`): Activation of the draft MLPs.
+        rms_norm_eps (`float`): Epsilon of the RMS norms.
+        max_position_embeddings (`int`): Longest sequence the rotary embedding is sized for.
+        rope_theta (`float`): Base of the rotary embedding of the draft self-attention (the
+            cross-attention uses no rotary embedding).
+        attention_bias (`bool`): Whether the draft attention projections have a bias.
+        initializer_range (`float`): Std of the normal initialisation of draft weights.
+        fusion (`str`): How target features enter the drafter. `"cross_attention"` is DREAM:
+            initial decoder block -> gated cross-attention over the target's last-layer features
+            -> final decoder block. `"concat"` is the EAGLE-style baseline: the token embedding
+            and the target feature of the previous position are concatenated and projected, then
+            go through the decoder blocks (same number of blocks, for a fair comparison).
+        visual_keep_ratio (`float`): Fraction of visual tokens kept in the *drafter's* input
+            sequence, chosen by the attention they receive in the target's last layer
+            (DREAM keeps 75%). `1.0` disables compression. The target always sees every token.
+        num_draft_tokens (`int`): Tokens drafted per round in chain drafting (the drafter's
+            counterpart of an assistant's `generation_config.num_assistant_tokens`).
+        draft_schedule (`str`): `"constant"` drafts `num_draft_tokens` every round;
+            `"heuristic"` adapts it during a call as transformers' assistants do (+2 after a
+            fully accepted draft, -1 otherwise, never below 1).
+        target_model_type (`str`): `model_type` of the target (e.g. `"llava"`, `"gemma3"`).
+        target_name_or_path (`str`): Hub id or path of the target, for model cards and checks.
+        target_num_hidden_layers (`int`): Number of decoder layers of the target's text model.
+        target_image_token_id (`int`): Image placeholder id of the target, if any.
+        entropy_candidate_layers (`list[int]`): Target layers among which the training signal
+            for the first draft block is chosen per token by lowest attention entropy (DREAM's
+            reference code: `1 .. int(0.4 * L) - 2`).
+        static_feature_layer (`int`): If set, supervise the first draft block with this fixed
+            target layer instead of the entropy-selected one (ablation).
+    """
+
+    model_type = "dream_drafter"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    fusion: str = "cross_attention"
+    visual_keep_ratio: float = 0.75
+    num_draft_tokens: int = 5
+    draft_schedule: str = "constant"
+    target_model_type: str | None = None
+    target_name_or_path: str | None = None
+    target_num_hidden_layers: int | None = None
+    target_image_token_id: int | None = None
+    entropy_candidate_layers: list[int] | None = None
+    static_feature_layer: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
+        if not 0.0 < self.visual_keep_ratio <= 1.0:
+            raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
+        if self.draft_schedule not in DRAFT_SCHEDULES:
+            raise ValueError(f"`draft_schedule` must be one of {DRAFT_SCHEDULES}, got {self.draft_schedule!r}.")
+        if self.entropy_candidate_layers is None and self.target_num_hidden_layers:
+            self.entropy_candidate_layers = default_entropy_candidate_layers(self.target_num_hidden_layers)
+        super().__post_init__(**kwargs)
+
+
+def default_entropy_candidate_layers(num_layers: int) -> list[int]:
+    """Candidate layers of the reference code, `1 .. int(0.4 * L) - 2`, never empty."""
+    upper = int(0.4 * num_layers) - 2
+    return list(range(1, max(upper, 1) + 1))

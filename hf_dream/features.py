@@ -1,0 +1,145 @@
+"""What hf-dream reads from a target: attention probabilities recomputed from a layer's inputs,
+visual-token importance and attention entropy.
+
+The target itself always runs with its own (usually SDPA) attention, which returns no
+probabilities. Instead of forcing the whole target to eager attention, we record the inputs of
+the few attention modules we need and recompute their probabilities here, in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class AttentionInputRecorder:
+    """Records `(hidden_states, position_embeddings)` entering attention modules during a forward.
+
+    Use as a context manager, or call `start()` / `stop()` around a forward that you do not call
+    yourself (the generate loop's prefill).
+    """
+
+    def __init__(self, modules: dict[int, nn.Module]):
+        self.modules = modules
+        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = []
+
+    def start(self) -> AttentionInputRecorder:
+        for key, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(key), with_kwargs=True))
+        return self
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, key: int):
+        def hook(module, args, kwargs):
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[key] = (hidden_states.detach(), kwargs.get("position_embeddings"))
+
+        return hook
+
+    def __enter__(self) -> AttentionInputRecorder:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # cos/sin: (batch, seq, head_dim), x: (batch, heads, seq, head_dim)
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+def attention_scores(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Queries and keys of a Llama-style attention module (Llama, Mistral, Qwen2, Gemma3 text),
+    recomputed from its input: projections, optional per-head q/k norms, rotary embedding.
+    Returns `(queries (b, heads, n, d), keys (b, heads, n, d), scaling)` in float32."""
+    batch, length, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    queries = attention.q_proj(hidden_states).view(batch, length, -1, head_dim)
+    keys = attention.k_proj(hidden_states).view(batch, length, -1, head_dim)
+    if getattr(attention, "q_norm", None) is not None:
+        queries = attention.q_norm(queries)
+    if getattr(attention, "k_norm", None) is not None:
+        keys = attention.k_norm(keys)
+    queries, keys = queries.transpose(1, 2).float(), keys.transpose(1, 2).float()
+    if position_embeddings is not None:
+        cos, sin = (t.float() for t in position_embeddings)
+        queries, keys = _apply_rotary(queries, cos, sin), _apply_rotary(keys, cos, sin)
+    groups = queries.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    scaling = getattr(attention, "scaling", None) or 1.0 / math.sqrt(head_dim)
+    return queries, keys, scaling
+
+
+def iter_attention_probs(attention, hidden_states, position_embeddings, heads_per_chunk: int = 8):
+    """Yields causal attention probabilities `(b, h_chunk, n, n)` (float32), a few heads at a time
+    so that long multimodal prompts do not need all heads' n x n maps at once."""
+    queries, keys, scaling = attention_scores(attention, hidden_states, position_embeddings)
+    length = queries.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=queries.device).tril()
+    softcap = getattr(attention, "attn_logit_softcapping", None)
+    for start in range(0, queries.shape[1], heads_per_chunk):
+        scores = queries[:, start : start + heads_per_chunk] @ keys[:, start : start + heads_per_chunk].transpose(-1, -2)
+        scores = scores * scaling
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        yield scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def attention_received(attention, hidden_states, position_embeddings) -> torch.Tensor:
+    """Total attention each position receives in this layer, summed over heads and queries: (b, n)."""
+    total = None
+    for probs in iter_attention_probs(attention, hidden_states, position_embeddings):
+        received = probs.sum(dim=(1, 2))
+        total = received if total is None else total + received
+    return total
+
+
+def attention_entropy(attention, hidden_states, position_embeddings) -> torch.Tensor:
+    """Per-query attention entropy of this layer, averaged over heads: (b, n)."""
+    total, num_heads = None, 0
+    for probs in iter_attention_probs(attention, hidden_states, position_embeddings):
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).sum(dim=1)
+        total = entropy if total is None else total + entropy
+        num_heads += probs.shape[1]
+    return total / num_heads
+
+
+def select_visual_tokens(importance: torch.Tensor, image_mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Boolean mask (b, n) of the positions the drafter keeps: every text position, plus the
+    `ceil(keep_ratio * n_visual)` visual positions that receive the most attention."""
+    keep = ~image_mask
+    if keep_ratio >= 1.0:
+        return torch.ones_like(image_mask)
+    for row in range(image_mask.shape[0]):
+        visual = image_mask[row].nonzero().squeeze(-1)
+        if visual.numel() == 0:
+            continue
+        num_keep = math.ceil(keep_ratio * visual.numel())
+        top = importance[row, visual].topk(num_keep).indices
+        keep[row, visual[top]] = True
+    return keep
+
+
+@contextmanager
+def recording_attention_inputs(layers: nn.ModuleList, layer_ids):
+    """Context manager recording the inputs of `layers[i].self_attn` for every i in `layer_ids`."""
+    recorder = AttentionInputRecorder({i: layers[i].self_attn for i in layer_ids})
+    with recorder:
+        yield recorder

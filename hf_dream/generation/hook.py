@@ -1,0 +1,107 @@
+"""The one place that touches transformers' private generation dispatch.
+
+transformers has no public registry for candidate generators: `_assisted_decoding` asks
+`GenerationMixin._get_candidate_generator` for one, through a fixed if/elif chain. We wrap that
+method (and `_validate_generation_mode`, for errors before any work) so that a
+[`DreamDraftModel`] passed as `assistant_model` gets a [`DreamCandidateGenerator`]; every other
+assistant goes through the original code untouched. Both methods are private, which is why
+`pyproject.toml` pins the transformers release line that CI tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers.generation import GenerationMixin
+from transformers.generation.configuration_utils import GenerationMode
+
+from .candidate_generator import DreamCandidateGenerator
+
+_ORIGINALS: dict[str, object] = {}
+
+
+def _is_dream_drafter(model) -> bool:
+    from ..modeling_dream import DreamDraftModel
+
+    return isinstance(model, DreamDraftModel)
+
+
+def validate_dream_generation(target, drafter, generation_mode, generation_config) -> None:
+    """Errors for every setting DREAM decoding cannot honour, raised before any model work."""
+    if generation_mode != GenerationMode.ASSISTED_GENERATION:
+        raise ValueError(
+            f"A DREAM drafter supports greedy decoding and sampling (num_beams=1), but this call resolves to "
+            f"'{generation_mode}'. Remove `assistant_model` or set num_beams=1 and no constraints."
+        )
+    if generation_config.prompt_lookup_num_tokens is not None:
+        raise ValueError("`prompt_lookup_num_tokens` and a DREAM `assistant_model` are mutually exclusive.")
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"DREAM decoding needs the default dynamic cache, got cache_implementation="
+            f"{generation_config.cache_implementation!r}."
+        )
+    drafter.attach_target(target)  # model type / hidden size / vocab checks
+    target_device, drafter_device = target.get_input_embeddings().weight.device, drafter.device
+    if target_device != drafter_device:
+        raise ValueError(
+            f"The DREAM drafter is on {drafter_device} but the target's embeddings are on {target_device}; "
+            f"move it with `drafter.to({str(target_device)!r})`."
+        )
+
+
+def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+    drafter = generation_mode_kwargs.get("assistant_model")
+    if _is_dream_drafter(drafter):
+        validate_dream_generation(self, drafter, generation_mode, generation_config)
+    return _ORIGINALS["_validate_generation_mode"](self, generation_mode, generation_config, generation_mode_kwargs)
+
+
+def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, assistant_model=None, **kwargs):
+    if _is_dream_drafter(assistant_model):
+        return DreamCandidateGenerator(self, assistant_model, input_ids, generation_config, logits_processor)
+    return _ORIGINALS["_get_candidate_generator"](
+        self,
+        generation_config=generation_config,
+        input_ids=input_ids,
+        inputs_tensor=inputs_tensor,
+        logits_processor=logits_processor,
+        model_kwargs=model_kwargs,
+        assistant_model=assistant_model,
+        **kwargs,
+    )
+
+
+def _generate(original):
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        drafter = kwargs.get("assistant_model")
+        if _is_dream_drafter(drafter):
+            inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+            if inputs is not None and inputs.shape[0] != 1:
+                raise ValueError(
+                    f"DREAM decoding supports batch size 1 for now, got a batch of {inputs.shape[0]}; "
+                    "call generate once per prompt."
+                )
+        return original(self, *args, **kwargs)
+
+    generate.__hf_dream_wrapped__ = True
+    return generate
+
+
+def install() -> None:
+    """Install the wrappers once (idempotent)."""
+    if _ORIGINALS:
+        return
+    _ORIGINALS["_get_candidate_generator"] = GenerationMixin._get_candidate_generator
+    _ORIGINALS["_validate_generation_mode"] = GenerationMixin._validate_generation_mode
+    _ORIGINALS["generate"] = GenerationMixin.generate
+    GenerationMixin._get_candidate_generator = _get_candidate_generator
+    GenerationMixin._validate_generation_mode = _validate_generation_mode
+    GenerationMixin.generate = _generate(GenerationMixin.generate)
+
+
+def uninstall() -> None:
+    """Restore transformers' own methods."""
+    for name, method in _ORIGINALS.items():
+        setattr(GenerationMixin, name, method)
+    _ORIGINALS.clear()

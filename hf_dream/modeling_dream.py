@@ -1,0 +1,350 @@
+"""The DREAM draft model: initial decoder block -> gated cross-attention over the target's
+last-layer features -> final decoder block -> norm -> the target's own frozen lm_head.
+
+The decoder blocks are transformers' `LlamaDecoderLayer` (composed, not copied); the drafter
+holds no target weights: the target's input embeddings and lm_head are reached through a
+[`TargetAdapter`] attached at run time and never saved with the drafter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils import ModelOutput
+
+from .configuration_dream import DreamConfig
+from .targets import TargetAdapter, get_target_adapter
+
+
+def _decoder_config(config: DreamConfig, num_layers: int) -> LlamaConfig:
+    """A LlamaConfig with the drafter's sizes, for the composed transformers blocks."""
+    decoder_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        hidden_act=config.hidden_act,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.attention_bias,
+    )
+    decoder_config._attn_implementation = "sdpa"
+    return decoder_config
+
+
+@dataclass
+class DreamDraftOutput(ModelOutput):
+    """Output of [`DreamDraftModel.forward`].
+
+    Args:
+        logits: Next-token logits through the target's lm_head, `(batch, seq, vocab)`; `None`
+            when `return_logits=False`.
+        features: Final draft features after the norm, `(batch, seq, hidden)`: the drafter's
+            estimate of the target's last-layer (post-norm) hidden states.
+        first_block_hidden: Output of the initial decoder block, regressed during training onto
+            the target's entropy-selected intermediate layer.
+    """
+
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    first_block_hidden: torch.Tensor | None = None
+
+
+class DreamFeatureMemory:
+    """Target features the drafter attends to, one entry per sequence position.
+
+    Holds the raw features (for the EAGLE-style `concat` fusion and for reuse) and, for the
+    cross-attention fusion, their key/value projections, computed once per position. Entries
+    can be speculative (the drafter's own features for drafted tokens) and are cropped away
+    once the target's real features of the accepted tokens arrive.
+    """
+
+    def __init__(self, model: DreamDraftModel):
+        self.model = model
+        self.features: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.features is None else self.features.shape[1]
+
+    def append(self, features: torch.Tensor) -> None:
+        features = features.to(self.model.dtype)
+        self.features = features if self.features is None else torch.cat([self.features, features], dim=1)
+        if self.model.cross_block is not None:
+            keys, values = self.model.cross_block.cross_attn.project_memory(features)
+            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+            self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+
+    def crop(self, length: int) -> None:
+        if self.features is None or length >= len(self):
+            return
+        self.features = self.features[:, :length]
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+
+
+class DreamCrossAttention(nn.Module):
+    """Queries from the draft's hidden states, keys/values from target features; per-head RMSNorm
+    on queries and keys; no rotary embedding (features already encode their positions)."""
+
+    def __init__(self, config: DreamConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def project_memory(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = features.shape
+        keys = self.k_norm(self.k_proj(features).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        values = self.v_proj(features).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        return keys, values
+
+    def forward(self, hidden_states, keys, values, allowed) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        queries = self.q_norm(self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        # A zero "null" slot that every query may attend to: the first positions have no earlier
+        # feature to look at, and a fully masked softmax row would be NaN.
+        null = keys.new_zeros(batch, keys.shape[1], 1, self.head_dim)
+        keys, values = torch.cat([null, keys], dim=2), torch.cat([null, values], dim=2)
+        allowed = F.pad(allowed, (1, 0), value=True)
+        groups = self.num_heads // self.num_key_value_heads
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class DreamCrossAttentionBlock(nn.Module):
+    """Cross-attention + MLP, each behind a tanh gate initialised at 0 (Mllama style), so an
+    untrained block starts as the identity and learns how much target context to let in."""
+
+    def __init__(self, config: DreamConfig, decoder_config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attn = DreamCrossAttention(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(decoder_config)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_states, keys, values, allowed) -> torch.Tensor:
+        attended = self.cross_attn(self.input_layernorm(hidden_states), keys, values, allowed)
+        hidden_states = hidden_states + self.attn_gate.tanh() * attended
+        return hidden_states + self.mlp_gate.tanh() * self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DreamPreTrainedModel(PreTrainedModel):
+    config_class = DreamConfig
+    base_model_prefix = "dream"
+    _no_split_modules = ["LlamaDecoderLayer", "DreamCrossAttentionBlock"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DreamCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.mlp_gate)
+
+
+class DreamDraftModel(DreamPreTrainedModel):
+    """A DREAM drafter for one target VLM.
+
+    Use it as `target.generate(**inputs, assistant_model=drafter)` after `import hf_dream`.
+    Build a fresh one with [`DreamDraftModel.from_target`], load a trained one with
+    `from_pretrained`. After each `generate` call, `last_stats` holds the decoding statistics.
+    """
+
+    def __init__(self, config: DreamConfig):
+        super().__init__(config)
+        is_cross = config.fusion == "cross_attention"
+        # Two self-attention blocks with a KV cache (cross) or three (concat: the cross-attention
+        # block is replaced by a decoder block so both variants have the same depth).
+        num_cached = 2 if is_cross else 3
+        self.decoder_config = _decoder_config(config, num_cached)
+        self.rotary_emb = LlamaRotaryEmbedding(self.decoder_config)
+        self.fusion_proj = None if is_cross else nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.initial_block = LlamaDecoderLayer(self.decoder_config, layer_idx=0)
+        # EAGLE convention: the first block sees raw embeddings, no input norm.
+        self.initial_block.input_layernorm = nn.Identity()
+        self.cross_block = DreamCrossAttentionBlock(config, self.decoder_config) if is_cross else None
+        self.middle_block = None if is_cross else LlamaDecoderLayer(self.decoder_config, layer_idx=1)
+        self.final_block = LlamaDecoderLayer(self.decoder_config, layer_idx=num_cached - 1)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.target_adapter: TargetAdapter | None = None
+        self.last_stats: dict | None = None
+        self.post_init()
+
+    # --- target ----------------------------------------------------------------------------
+    @classmethod
+    def config_for_target(cls, target, **overrides) -> DreamConfig:
+        """A [`DreamConfig`] sized for `target` (any supported VLM), with `overrides` applied."""
+        adapter = get_target_adapter(target)
+        text = adapter.text_config
+        rope = getattr(text, "rope_parameters", None) or {}
+        if "full_attention" in rope:  # Gemma3 keeps one rope dict per attention type
+            rope = rope["full_attention"]
+        values = dict(
+            vocab_size=adapter.vocab_size,
+            hidden_size=adapter.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            **adapter.describe(),
+        )
+        values.update(overrides)
+        return DreamConfig(**values)
+
+    @classmethod
+    def from_target(cls, target, **overrides) -> DreamDraftModel:
+        """A freshly initialised drafter sized for `target`, attached to it, on its device and dtype.
+
+        `overrides` are [`DreamConfig`] fields, e.g. `fusion="concat"` or `visual_keep_ratio=1.0`.
+        """
+        drafter = cls(cls.config_for_target(target, **overrides))
+        drafter.to(device=target.device, dtype=target.dtype)
+        drafter.attach_target(target)
+        return drafter
+
+    def check_compatible(self, target) -> TargetAdapter:
+        """The adapter for `target`, or a `ValueError` naming what differs from this drafter's config."""
+        adapter = get_target_adapter(target)
+        expected = {
+            "model_type": (self.config.target_model_type, adapter.config.model_type),
+            "hidden_size": (self.config.hidden_size, adapter.hidden_size),
+            "vocab_size": (self.config.vocab_size, adapter.vocab_size),
+        }
+        mismatches = [
+            f"{name}: drafter built for {mine!r}, target has {theirs!r}"
+            for name, (mine, theirs) in expected.items()
+            if mine is not None and mine != theirs
+        ]
+        if mismatches:
+            raise ValueError(
+                f"This DREAM drafter was built for another target ({self.config.target_name_or_path or 'unknown'}): "
+                + "; ".join(mismatches)
+                + ". Build a drafter for this target with `DreamDraftModel.from_target(target)`."
+            )
+        return adapter
+
+    def attach_target(self, target) -> TargetAdapter:
+        """Check `target` and use its input embeddings and lm_head (they stay target modules and
+        are never saved with the drafter)."""
+        if self.target_adapter is None or self.target_adapter.model is not target:
+            self.target_adapter = self.check_compatible(target)
+        return self.target_adapter
+
+    def _adapter(self) -> TargetAdapter:
+        if self.target_adapter is None:
+            raise RuntimeError(
+                "This drafter is not attached to a target: call `drafter.attach_target(target)` or use it "
+                "through `target.generate(..., assistant_model=drafter)`."
+            )
+        return self.target_adapter
+
+    # --- forward ---------------------------------------------------------------------------
+    def new_memory(self, target_features: torch.Tensor | None = None) -> DreamFeatureMemory:
+        memory = DreamFeatureMemory(self)
+        if target_features is not None:
+            memory.append(target_features)
+        return memory
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        memory: DreamFeatureMemory | None = None,
+        target_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        return_logits: bool = True,
+    ) -> DreamDraftOutput:
+        r"""
+        Args:
+            inputs_embeds (`(batch, seq, hidden)`): Input embeddings as the target sees them
+                (image features merged at image positions), possibly with visual tokens pruned.
+            position_ids (`(batch, seq)`): Original sequence positions of the inputs (pruned
+                positions keep their original ids); also used to index the feature memory:
+                position `p` sees target features of positions `< p`.
+            memory / target_features: The target's last-layer features, as a
+                [`DreamFeatureMemory`] (incremental decoding) or a `(batch, n, hidden)` tensor
+                (training: one entry per position).
+            attention_mask (`(batch, past + seq)`, optional): 1 for real tokens, 0 for padding.
+            cache (`DynamicCache`, optional): The drafter's self-attention cache.
+        """
+        if memory is None:
+            memory = self.new_memory(target_features)
+        batch, length, _ = inputs_embeds.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        hidden_states = inputs_embeds.to(self.dtype)
+        if self.fusion_proj is not None:
+            hidden_states = self.fusion_proj(torch.cat([hidden_states, self._previous_features(memory, position_ids)], -1))
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        self_mask = self._self_attention_mask(batch, length, past, attention_mask, hidden_states.device)
+        block_kwargs = dict(attention_mask=self_mask, position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
+
+        hidden_states = self.initial_block(hidden_states, **block_kwargs)
+        first_block_hidden = hidden_states
+        if self.cross_block is not None:
+            allowed = torch.arange(len(memory), device=position_ids.device) < position_ids[..., None]
+            hidden_states = self.cross_block(hidden_states, memory.keys, memory.values, allowed[:, None])
+        else:
+            hidden_states = self.middle_block(hidden_states, **block_kwargs)
+        hidden_states = self.final_block(hidden_states, **block_kwargs)
+        features = self.norm(hidden_states)
+        logits = self._adapter().logits(features.to(self._adapter().lm_head.weight.dtype)) if return_logits else None
+        return DreamDraftOutput(logits=logits, features=features, first_block_hidden=first_block_hidden)
+
+    @staticmethod
+    def _previous_features(memory: DreamFeatureMemory, position_ids: torch.LongTensor) -> torch.Tensor:
+        """Target feature of position `p - 1` for each input position `p` (zeros at `p = 0`)."""
+        features = F.pad(memory.features, (0, 0, 1, 0))  # index 0 is the zero feature of "position -1"
+        index = position_ids.clamp(max=features.shape[1] - 1)
+        return torch.gather(features, 1, index[..., None].expand(-1, -1, features.shape[-1]))
+
+    @staticmethod
+    def _self_attention_mask(batch, length, past, attention_mask, device) -> torch.Tensor | None:
+        """Boolean `(batch, 1, seq, past + seq)` mask, causal over the drafter's own sequence
+        (kept tokens are in order, so causality by index is causality by position)."""
+        if length == 1 and attention_mask is None:
+            return None
+        total = past + length
+        mask = torch.ones(length, total, dtype=torch.bool, device=device).tril(diagonal=past)
+        mask = mask[None, None].expand(batch, 1, length, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -total:].bool()
+        return mask
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but weights that do not match the config
+        (missing, unexpected or mis-shaped tensors) are an error, not a silent re-initialisation."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {key: value for key, value in problems.items() if value}
+        if problems:
+            raise ValueError(f"The drafter's weights do not match its config: {problems}")
+        return (model, info) if want_info else model

@@ -1,0 +1,134 @@
+"""DreamDraftModel: architecture, save/load round trip, no target weights on disk, strict loading."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import cached_target
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, DynamicCache
+
+from hf_dream import DreamConfig, DreamDraftModel
+
+
+def random_inputs(drafter, length=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = drafter.config.hidden_size
+    embeds = torch.randn(1, length, hidden, generator=generator)
+    features = torch.randn(1, length, hidden, generator=generator)
+    positions = torch.arange(length)[None]
+    return embeds, features, positions
+
+
+def trained_looking(drafter):
+    """Non-zero gates, so that the cross-attention block actually contributes."""
+    with torch.no_grad():
+        if drafter.cross_block is not None:
+            drafter.cross_block.attn_gate.fill_(0.7)
+            drafter.cross_block.mlp_gate.fill_(0.5)
+    return drafter
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_from_target_sizes_and_record(family, fusion):
+    target = cached_target(family)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    text = target.config.get_text_config()
+    config = drafter.config
+    assert (config.hidden_size, config.vocab_size) == (text.hidden_size, text.vocab_size)
+    assert config.target_model_type == target.config.model_type
+    assert config.target_num_hidden_layers == text.num_hidden_layers
+    assert config.entropy_candidate_layers and max(config.entropy_candidate_layers) < text.num_hidden_layers
+    assert (drafter.cross_block is not None) == (fusion == "cross_attention")
+    # no target parameter is registered inside the drafter
+    target_params = {id(p) for p in target.parameters()}
+    assert not any(id(p) in target_params for p in drafter.parameters())
+    embeds, features, positions = random_inputs(drafter)
+    out = drafter(embeds, positions, target_features=features)
+    assert out.logits.shape == (1, 9, text.vocab_size)
+    assert out.features.shape == out.first_block_hidden.shape == (1, 9, text.hidden_size)
+
+
+def test_cross_attention_sees_only_earlier_features():
+    target = cached_target("llava")
+    drafter = trained_looking(DreamDraftModel.from_target(target))
+    embeds, features, positions = random_inputs(drafter)
+    base = drafter(embeds, positions, target_features=features).logits
+    changed = features.clone()
+    changed[:, 4] += 5.0  # the feature of position 4 may only influence positions >= 5
+    after = drafter(embeds, positions, target_features=changed).logits
+    assert torch.allclose(base[:, :5], after[:, :5], atol=1e-6)
+    assert not torch.allclose(base[:, 5:], after[:, 5:], atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_incremental_decoding_matches_full_forward(fusion):
+    target = cached_target("idefics3")
+    drafter = trained_looking(DreamDraftModel.from_target(target, fusion=fusion))
+    embeds, features, positions = random_inputs(drafter, length=10)
+    full = drafter(embeds, positions, target_features=features)
+    cache, memory = DynamicCache(), drafter.new_memory(features)
+    pieces = [drafter(embeds[:, :6], positions[:, :6], memory=memory, cache=cache).logits]
+    pieces.append(drafter(embeds[:, 6:8], positions[:, 6:8], memory=memory, cache=cache).logits)
+    for index in (8, 9):
+        pieces.append(drafter(embeds[:, index : index + 1], positions[:, index : index + 1], memory=memory, cache=cache).logits)
+    assert torch.allclose(torch.cat(pieces, dim=1), full.logits, atol=1e-5)
+
+
+def test_save_load_round_trip_without_target_weights(tmp_path):
+    target = cached_target("gemma3")
+    drafter = trained_looking(DreamDraftModel.from_target(target, visual_keep_ratio=0.5))
+    drafter.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    assert not any("embed" in key or "lm_head" in key for key in keys)
+    assert keys == set(drafter.state_dict())
+    drafter_bytes = sum(p.numel() * p.element_size() for p in drafter.parameters())
+    assert os.path.getsize(tmp_path / "model.safetensors") < drafter_bytes * 1.05
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "dream_drafter" and saved["target_model_type"] == "gemma3"
+
+    for loaded in (DreamDraftModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, DreamDraftModel) and loaded.config.visual_keep_ratio == 0.5
+        loaded.attach_target(target)
+        embeds, features, positions = random_inputs(drafter)
+        expected = drafter(embeds, positions, target_features=features).logits
+        assert torch.equal(loaded(embeds, positions, target_features=features).logits, expected)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DreamConfig)
+
+
+def test_weights_that_do_not_match_the_config_are_an_error(tmp_path):
+    target = cached_target("llava")
+    DreamDraftModel.from_target(target).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, RuntimeError), match="(?i)mismatch|size"):
+        DreamDraftModel.from_pretrained(tmp_path)
+
+    DreamDraftModel.from_target(target, fusion="concat").save_pretrained(tmp_path / "concat")
+    config = json.loads((tmp_path / "concat" / "config.json").read_text())
+    config["fusion"] = "cross_attention"
+    (tmp_path / "concat" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match its config"):
+        DreamDraftModel.from_pretrained(tmp_path / "concat")
+
+
+def test_unattached_drafter_says_what_to_do():
+    drafter = DreamDraftModel(DreamDraftModel.config_for_target(cached_target("llava")))
+    embeds, features, positions = random_inputs(drafter)
+    with pytest.raises(RuntimeError, match="attach_target"):
+        drafter(embeds, positions, target_features=features)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("fusion", "mlp"), ("visual_keep_ratio", 0.0), ("num_draft_tokens", 0), ("draft_schedule", "x")]
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        DreamConfig(hidden_size=64, num_attention_heads=4, **{field: value})

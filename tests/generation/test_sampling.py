@@ -15,6 +15,7 @@ from hf_dream.testing import build_tiny_target, make_tiny_inputs
 
 VOCAB = 32
 SAMPLES = 800
+DRAFTER_SEED = 0
 NEW_TOKENS = 3
 GENERATE_KWARGS = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, max_new_tokens=NEW_TOKENS)
 
@@ -27,6 +28,7 @@ def setup():
     inputs = make_tiny_inputs(target, seed=6)
     suppress = sorted(target.tiny_spec.special_token_ids)
     kwargs = dict(GENERATE_KWARGS, suppress_tokens=suppress)
+    torch.manual_seed(DRAFTER_SEED)
     drafter = DreamDraftModel.from_target(target, num_draft_tokens=2, visual_keep_ratio=0.75)
     with torch.no_grad():
         drafter.cross_block.attn_gate.fill_(1.0)
@@ -91,12 +93,16 @@ def goodness_of_fit(observed_tokens, expected_probs):
     return pvalue
 
 
-class UniformClaimGenerator(DreamCandidateGenerator):
-    """A wrong implementation: drafts are sampled from the drafter but reported as uniform."""
+class AlwaysAcceptGenerator(DreamCandidateGenerator):
+    """A wrong implementation: reports a near-zero draft probability for every drafted token,
+    so that transformers' acceptance test keeps every draft (output = the drafter's distribution)."""
 
     def _draft(self, input_ids, output):
         candidates, logits = super()._draft(input_ids, output)
-        return candidates, None if logits is None else torch.zeros_like(logits)
+        if logits is None:
+            return candidates, None
+        drafted = candidates[:, input_ids.shape[1] :]
+        return candidates, torch.zeros_like(logits).scatter(-1, drafted[..., None], -40.0)
 
 
 def test_sampling_distribution_matches_plain_sampling(setup):
@@ -116,6 +122,6 @@ def test_biased_acceptance_fails_the_same_test(setup, monkeypatch):
     p2, p3 = exact_token_marginals(target, inputs, kwargs)
     from hf_dream.generation import hook
 
-    monkeypatch.setattr(hook, "DreamCandidateGenerator", UniformClaimGenerator)
+    monkeypatch.setattr(hook, "DreamCandidateGenerator", AlwaysAcceptGenerator)
     tokens = sample_new_tokens(target, inputs, kwargs, drafter, SAMPLES)
     assert min(goodness_of_fit(tokens[:, 1], p2), goodness_of_fit(tokens[:, 2], p3)) < 1e-3

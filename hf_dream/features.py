@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -102,10 +103,13 @@ def iter_attention_probs(attention, hidden_states, position_embeddings, heads_pe
         yield scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
-def attention_received(attention, hidden_states, position_embeddings) -> torch.Tensor:
-    """Total attention each position receives in this layer, summed over heads and queries: (b, n)."""
+def attention_received(attention, hidden_states, position_embeddings, query_mask=None) -> torch.Tensor:
+    """Total attention each position receives in this layer, summed over heads and queries
+    (only the queries where `query_mask` is true, e.g. not padding): (b, n)."""
     total = None
     for probs in iter_attention_probs(attention, hidden_states, position_embeddings):
+        if query_mask is not None:
+            probs = probs * query_mask[:, None, :, None].to(probs.dtype)
         received = probs.sum(dim=(1, 2))
         total = received if total is None else total + received
     return total
@@ -143,3 +147,82 @@ def recording_attention_inputs(layers: nn.ModuleList, layer_ids):
     recorder = AttentionInputRecorder({i: layers[i].self_attn for i in layer_ids})
     with recorder:
         yield recorder
+
+
+@dataclass
+class TeacherSignals:
+    """What one teacher-forced target pass gives the drafter's training.
+
+    Args:
+        input_embeds: The target's input embeddings with image features merged, `(b, n, H)`.
+        features: Last-layer (post-final-norm) hidden states, `(b, n, H)`.
+        logits: The target's logits, `(b, n, V)`.
+        mid_features: Per token, the hidden state entering the selected intermediate layer
+            (entropy-selected or static), `(b, n, H)`; `None` if no intermediate supervision.
+        mid_layers: The selected layer per token, `(b, n)`.
+        keep: Positions the drafter sees after visual-token compression, `(b, n)`.
+    """
+
+    input_embeds: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+    mid_features: torch.Tensor | None
+    mid_layers: torch.Tensor | None
+    keep: torch.Tensor
+
+
+def select_layers_by_entropy(entropies: torch.Tensor, candidate_layers: list[int]) -> torch.Tensor:
+    """Per token, the candidate layer with the lowest attention entropy.
+
+    `entropies` is `(num_candidates, b, n)` in the order of `candidate_layers`; ties go to the
+    shallower layer (the first minimum). Returns layer ids `(b, n)`.
+    """
+    index = entropies.argmin(dim=0)
+    return torch.as_tensor(candidate_layers, device=entropies.device)[index]
+
+
+def read_teacher(
+    adapter,
+    inputs: dict,
+    candidate_layers: list[int] | None = None,
+    static_layer: int | None = None,
+    keep_ratio: float = 1.0,
+) -> TeacherSignals:
+    """One teacher-forced pass of the target (`adapter.model`) on `inputs`, without gradients.
+
+    With `candidate_layers`, every token is supervised by the candidate layer whose attention
+    has the lowest entropy at that token (DREAM); with `static_layer`, by that fixed layer
+    (ablation); with neither, there is no intermediate supervision. Visual tokens are ranked by
+    the attention they receive in the last layer, as at inference.
+    """
+    model, layers = adapter.model, adapter.decoder_layers
+    last = adapter.num_hidden_layers
+    candidates = list(candidate_layers or [])
+    mid_layers = candidates or ([static_layer] if static_layer is not None else [])
+    image_mask = adapter.image_token_mask(inputs["input_ids"])
+    compress = keep_ratio < 1.0 and bool(image_mask.any())
+    recorded = candidates + ([last - 1] if compress else [])
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("prompt_lengths", "sequence_lengths")}
+    with torch.no_grad(), recording_attention_inputs(layers, sorted(set(recorded))) as recorder:
+        # All layers (not a list of indices): with pixel_values the flag also reaches the vision
+        # tower, which needs its own penultimate layer.
+        out = model(**model_inputs, output_hidden_states=True)
+        hidden = out.hidden_states
+        query_mask = model_inputs.get("attention_mask")
+        selected = mid_features = None
+        if candidates:
+            entropies = torch.stack([attention_entropy(layers[l].self_attn, *recorder.inputs[l]) for l in candidates])
+            selected = select_layers_by_entropy(entropies, candidates)
+            stacked = torch.stack([hidden[l] for l in candidates])  # (C, b, n, H)
+            index = entropies.argmin(dim=0)[None, ..., None].expand(1, *stacked.shape[1:])
+            mid_features = stacked.gather(0, index)[0]
+        elif static_layer is not None:
+            mid_features = hidden[static_layer]
+            selected = torch.full(image_mask.shape, static_layer, device=image_mask.device)
+        keep = torch.ones_like(image_mask)
+        if compress:
+            importance = attention_received(layers[last - 1].self_attn, *recorder.inputs[last - 1], query_mask=query_mask)
+            keep = select_visual_tokens(importance, image_mask, keep_ratio)
+    return TeacherSignals(
+        input_embeds=hidden[0], features=hidden[last], logits=out.logits, mid_features=mid_features, mid_layers=selected, keep=keep
+    )

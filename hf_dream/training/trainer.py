@@ -1,0 +1,226 @@
+"""`DreamTrainer`: distils a target VLM into a DREAM drafter with transformers' `Trainer`.
+
+Everything distributed (DDP through `torchrun` / `accelerate launch`, FSDP, DeepSpeed, mixed
+precision, gradient accumulation, checkpointing) is the `Trainer`'s own machinery; this module
+adds the frozen teacher, the DREAM losses and DREAM-specific evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..features import read_teacher
+from ..modeling_dream import DreamDraftModel
+from .data import DreamDataCollator, response_mask
+from .losses import dream_losses, top1_agreement
+
+MID_SUPERVISION = ("entropy", "static", "none")
+
+
+@dataclass
+class DreamTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus DREAM's loss weights and ablation switches.
+
+    The optimiser defaults follow the paper (AdamW, betas (0.9, 0.95), lr 3e-5, grad clip 0.5);
+    at the small scale of a CPU run a larger learning rate (e.g. 5e-4) converges far faster.
+    """
+
+    w_final: float = field(default=0.2, metadata={"help": "Weight of SmoothL1(draft final feature, target last-layer feature)."})
+    w_mid: float = field(
+        default=0.2, metadata={"help": "Weight of SmoothL1(draft first-block output, target intermediate feature)."}
+    )
+    w_kl: float = field(default=1.0, metadata={"help": "Weight of KL(target || draft) on next-token distributions."})
+    mid_supervision: str = field(
+        default="entropy",
+        metadata={
+            "help": "Intermediate target: 'entropy' (per token, the candidate layer with the lowest attention "
+            "entropy), 'static' (the fixed layer at `static_layer_depth`), or 'none' (no intermediate loss)."
+        },
+    )
+    static_layer_depth: float = field(
+        default=0.5, metadata={"help": "With mid_supervision='static': depth fraction of the fixed layer (0.25/0.5/0.75)."}
+    )
+    feature_noise: float = field(
+        default=0.0,
+        metadata={"help": "Width of uniform noise added to the target features the drafter attends to (EAGLE uses 0.2)."},
+    )
+    acceptance_eval_samples: int = field(
+        default=4, metadata={"help": "Eval prompts on which evaluate() measures the real acceptance length via generate()."}
+    )
+    acceptance_max_new_tokens: int = field(default=32, metadata={"help": "max_new_tokens of that measurement."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate (paper: 3e-5)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping (paper: 0.5)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the teacher needs columns the drafter's forward does not take."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mid_supervision not in MID_SUPERVISION:
+            raise ValueError(f"mid_supervision must be one of {MID_SUPERVISION}, got {self.mid_supervision!r}.")
+        if not 0.0 < self.static_layer_depth < 1.0:
+            raise ValueError(f"static_layer_depth must be in (0, 1), got {self.static_layer_depth}.")
+
+
+def gather_positions(keep: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original positions of the kept tokens per row, left-aligned and right-padded:
+    `(positions (b, k), slot_mask (b, k))`."""
+    batch, length = keep.shape
+    keep = keep & attention_mask.bool()
+    counts = keep.sum(1)
+    arange = torch.arange(length, device=keep.device)
+    # kept positions first (in order), then the rest
+    order = torch.argsort(torch.where(keep, arange, arange + length), dim=1)
+    width = int(counts.max())
+    positions = order[:, :width]
+    slot_mask = torch.arange(width, device=keep.device)[None] < counts[:, None]
+    return torch.where(slot_mask, positions, 0), slot_mask
+
+
+def _gather(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return torch.gather(tensor, 1, positions[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+class DreamTrainer(Trainer):
+    """Trains `model` (a [`DreamDraftModel`]) to draft for `teacher` (the target VLM).
+
+    The teacher is frozen, prepared by the accelerator for evaluation (no gradients, no optimiser
+    state) and run once per batch, teacher-forced on the prepared sequences, to produce the
+    supervision (features, logits, entropy-selected intermediate states, visual-token ranking).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, model: DreamDraftModel, teacher, args: DreamTrainingArguments, data_collator=None, **kwargs):
+        if not isinstance(model, DreamDraftModel):
+            raise TypeError(f"DreamTrainer trains a DreamDraftModel, got {type(model).__name__}.")
+        if not isinstance(args, DreamTrainingArguments):
+            raise TypeError("DreamTrainer needs DreamTrainingArguments (loss weights, ablation switches).")
+        teacher.eval().requires_grad_(False)
+        model.attach_target(teacher)
+        pad = teacher.generation_config.pad_token_id
+        super().__init__(model=model, args=args, data_collator=data_collator or DreamDataCollator(pad or 0), **kwargs)
+        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.adapter = model.target_adapter
+        self._configure_supervision(model)
+        self._metrics: dict[str, list[float]] = {}
+
+    def _configure_supervision(self, model: DreamDraftModel) -> None:
+        args, config = self.args, model.config
+        self.candidate_layers = self.static_layer = None
+        if args.mid_supervision == "entropy" and args.w_mid > 0:
+            self.candidate_layers = list(config.entropy_candidate_layers)
+        elif args.mid_supervision == "static" and args.w_mid > 0:
+            self.static_layer = max(1, round(args.static_layer_depth * self.adapter.num_hidden_layers))
+            config.static_feature_layer = self.static_layer  # recorded with the saved drafter
+
+    # --- loss ------------------------------------------------------------------------------
+    def _batch_outputs(self, model, inputs):
+        teacher = read_teacher(
+            self.adapter,
+            inputs,
+            candidate_layers=self.candidate_layers,
+            static_layer=self.static_layer,
+            keep_ratio=self.accelerator.unwrap_model(model).config.visual_keep_ratio,
+        )
+        positions, slot_mask = gather_positions(teacher.keep, inputs["attention_mask"])
+        features = teacher.features
+        if self.args.feature_noise > 0 and model.training:
+            features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
+        draft = model(
+            inputs_embeds=_gather(teacher.input_embeds, positions),
+            position_ids=positions,
+            target_features=features,
+            attention_mask=slot_mask.long(),
+        )
+        mask = slot_mask & torch.gather(response_mask(inputs), 1, positions)
+        gathered = {
+            "logits": _gather(teacher.logits, positions),
+            "features": _gather(teacher.features, positions),
+            "mid": None if teacher.mid_features is None else _gather(teacher.mid_features, positions),
+        }
+        return draft, gathered, mask, teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        draft, gathered, mask, teacher = self._batch_outputs(model, inputs)
+        losses = dream_losses(draft, gathered["logits"], gathered["features"], gathered["mid"], mask)
+        args = self.args
+        loss = args.w_kl * losses["kl"] + args.w_final * losses["final"]
+        if "mid" in losses:
+            loss = loss + args.w_mid * losses["mid"]
+        agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask)
+        prefix = "" if model.training else "eval_"
+        for name, value in losses.items():
+            self._metrics.setdefault(f"{prefix}loss_{name}", []).append(float(value.detach()))
+        self._metrics.setdefault(f"{prefix}top1_agreement", []).append(agree / max(total, 1))
+        return (loss, draft) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        prefix = "eval_" if any(key.startswith("eval_") for key in logs) else ""
+        for key, values in list(self._metrics.items()):
+            if key.startswith("eval_") == bool(prefix) and values:
+                logs[key] = sum(values) / len(values)
+                del self._metrics[key]
+        super().log(logs, *args, **kwargs)
+
+    # --- evaluation ------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Teacher-forced losses and top-1 agreement (transformers' eval loop), plus the real
+        acceptance length of `generate(assistant_model=drafter)` on a few eval prompts."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is not None and self.args.acceptance_eval_samples > 0:
+            self._metrics[f"{metric_key_prefix}_acceptance_length"] = [self.acceptance_length(dataset)]
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def acceptance_length(self, dataset, num_samples: int | None = None, max_new_tokens: int | None = None) -> float:
+        """Mean acceptance length (new tokens per target pass, bonus token included) of DREAM
+        greedy decoding on the prompts of the first `num_samples` rows of `dataset`."""
+        drafter = self.accelerator.unwrap_model(self.model)
+        return measure_acceptance_length(
+            self.teacher,
+            drafter,
+            dataset,
+            num_samples or self.args.acceptance_eval_samples,
+            max_new_tokens or self.args.acceptance_max_new_tokens,
+        )
+
+
+def prompt_inputs(row: dict, device) -> dict:
+    """Target inputs for the prompt part of a prepared row (batch of one)."""
+    length = int(row["prompt_length"])
+    inputs = {}
+    for key, value in row.items():
+        if key in ("prompt_length", "source_index"):
+            continue
+        tensor = torch.as_tensor(value)
+        if key in ("input_ids", "token_type_ids"):
+            tensor = tensor.reshape(1, -1)[:, :length]
+        inputs[key] = tensor.to(device)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
+
+
+def measure_acceptance_length(target, drafter, dataset, num_samples: int, max_new_tokens: int) -> float:
+    was_training = drafter.training
+    drafter.eval()
+    lengths = []
+    try:
+        for index in range(min(num_samples, len(dataset))):
+            inputs = prompt_inputs(dataset[index], target.device)
+            with torch.no_grad():
+                target.generate(**inputs, assistant_model=drafter, max_new_tokens=max_new_tokens, do_sample=False)
+            lengths.append(drafter.last_stats["acceptance_length"])
+    finally:
+        drafter.train(was_training)
+    return sum(lengths) / len(lengths) if lengths else math.nan

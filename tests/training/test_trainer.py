@@ -1,0 +1,125 @@
+"""DreamTrainer end to end on a tiny target: regenerate data, distil, and the drafter drafts better;
+resumable data preparation; two-process (gloo) training ends with identical weights on both ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cached_target
+from safetensors.torch import load_file
+
+from hf_dream import DreamDraftModel
+from hf_dream.testing import make_tiny_inputs
+from hf_dream.training import DreamTrainer, DreamTrainingArguments, measure_acceptance_length, prepare_dataset
+
+FAMILY = "llava"
+
+
+def prepare(tmp_path, num=16, encode=None, **kwargs):
+    target = cached_target(FAMILY)
+    encode = encode or (lambda example: make_tiny_inputs(target, seed=example["seed"]))
+    return prepare_dataset(
+        target, [{"seed": i} for i in range(num)], encode, tmp_path, max_new_tokens=40, batch_size=4, shard_size=4, show_progress=False, **kwargs
+    )
+
+
+def test_prepared_rows_hold_the_targets_own_greedy_responses(tmp_path):
+    target = cached_target(FAMILY)
+    dataset = prepare(tmp_path, num=6)
+    assert len(dataset) == 6 and dataset["source_index"] == list(range(6))
+    for index in (0, 5):
+        inputs = make_tiny_inputs(target, seed=index)
+        expected = target.generate(**inputs, max_new_tokens=40, do_sample=False)[0].tolist()
+        row = dataset[index]
+        assert row["input_ids"] == expected[: len(row["input_ids"])]
+        assert row["prompt_length"] == inputs["input_ids"].shape[1]
+        assert torch.equal(torch.tensor(row["pixel_values"]), inputs["pixel_values"][0:1].reshape(torch.tensor(row["pixel_values"]).shape))
+
+
+def test_interrupted_preparation_resumes_to_the_same_dataset(tmp_path):
+    target = cached_target(FAMILY)
+    complete = prepare(tmp_path / "complete", num=10)
+    calls = []
+
+    def crashing_encode(example):
+        calls.append(example["seed"])
+        if len(calls) == 7:  # dies in the middle of the second shard
+            raise KeyboardInterrupt
+        return make_tiny_inputs(target, seed=example["seed"])
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "resumed", num=10, encode=crashing_encode)
+    finished = sorted(p.name for p in (tmp_path / "resumed" / "shards").iterdir() if not p.name.startswith("."))
+    assert finished == ["00000"]  # the first shard survived, the interrupted one did not land
+    calls.clear()
+    resumed = prepare(tmp_path / "resumed", num=10, encode=crashing_encode)
+    assert calls[0] == 4  # restarted at the first missing shard, no work redone
+    assert resumed.to_list() == complete.to_list()
+    with pytest.raises(ValueError, match="other settings"):  # resuming with other settings would mix datasets
+        prepare_dataset(target, [{"seed": i} for i in range(10)], crashing_encode, tmp_path / "resumed", max_new_tokens=12)
+
+
+def test_training_raises_the_acceptance_length(tmp_path):
+    target = cached_target(FAMILY)
+    dataset = prepare(tmp_path, num=16)
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target)
+    before = measure_acceptance_length(target, drafter, dataset, 8, 32)
+    args = DreamTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=300, per_device_train_batch_size=4, learning_rate=3e-3, warmup_steps=10,
+        logging_steps=100, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, acceptance_eval_samples=4,
+    )
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)))
+    trainer.train()
+    metrics = trainer.evaluate()
+    after = measure_acceptance_length(target, drafter, dataset, 8, 32)
+    assert after >= before + 1.0, (before, after)
+    assert metrics["eval_top1_agreement"] > 0.8 and metrics["eval_acceptance_length"] > before
+    # the target's parameters were not touched
+    assert all(not p.requires_grad for p in target.parameters())
+    assert not any(p.grad is not None for p in target.parameters())
+
+
+@pytest.mark.parametrize("mid_supervision", ["static", "none"])
+def test_ablation_switches(tmp_path, mid_supervision):
+    target = cached_target(FAMILY)
+    dataset = prepare(tmp_path, num=4)
+    drafter = DreamDraftModel.from_target(target, fusion="concat" if mid_supervision == "none" else "cross_attention")
+    args = DreamTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, mid_supervision=mid_supervision, static_layer_depth=0.5, logging_steps=1,
+    )
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=dataset)
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert ("loss_mid" in logged) == (mid_supervision == "static")
+    if mid_supervision == "static":
+        assert drafter.config.static_feature_layer == 1  # round(0.5 * 2 layers)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mid_supervision"):
+        DreamTrainingArguments(output_dir="x", mid_supervision="median", use_cpu=True)
+    with pytest.raises(TypeError, match="DreamDraftModel"):
+        DreamTrainer(model=cached_target(FAMILY), teacher=cached_target(FAMILY), args=DreamTrainingArguments(output_dir="x", use_cpu=True))
+
+
+@pytest.mark.slow
+def test_two_process_training_gives_identical_weights(tmp_path):
+    prepare(tmp_path / "data", num=8)
+    script = Path(__file__).with_name("ddp_train.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    initial = load_file(tmp_path / "initial.safetensors")
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # it did train
+    assert "world_size=2" in result.stdout

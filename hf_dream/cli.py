@@ -7,22 +7,44 @@ them documents every option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+from transformers import HfArgumentParser
+
+COMMANDS: dict[str, tuple] = {}
 
 
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register `run(args) -> exit code` as subcommand `name`, with `configure(parser)` adding its options."""
+def command(name: str, configure: Callable[[argparse.ArgumentParser], None] | None = None, dataclass_types: tuple = ()):
+    """Register `run(args) -> exit code` as subcommand `name`.
+
+    `configure(parser)` adds plain options; `dataclass_types` adds every field of those
+    dataclasses as an option with its help text (subcommand parsers are `HfArgumentParser`s).
+    """
 
     def register(run):
-        COMMANDS[name] = (configure, run)
+        COMMANDS[name] = (configure, run, dataclass_types)
         return run
 
     return register
+
+
+def dataclasses_from(args: argparse.Namespace, *types):
+    """Instantiate the dataclasses `types` from parsed options."""
+    return tuple(dtype(**{f.name: getattr(args, f.name) for f in dataclasses.fields(dtype) if f.init}) for dtype in types)
+
+
+def _load_config(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
 
 
 # --- demo ----------------------------------------------------------------------------------
@@ -78,22 +100,129 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
+# --- training -----------------------------------------------------------------------------
+def _configure_prepare_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="target spec: folder or Hub id, 'reference:<name>' or 'tiny:<family>'")
+    parser.add_argument("--prompts", help="JSONL source: one {\"image\": path-or-list, \"prompt\": str} per line (images relative to the file)")
+    parser.add_argument("--hf-dataset", help="alternatively, a `datasets` folder (save_to_disk) with image/prompt columns")
+    parser.add_argument("--output", help="output folder (resumable: rerun the same command to continue)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest regenerated response (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generate() call (default: 4)")
+    parser.add_argument("--shard-size", type=int, default=64, help="examples per saved shard: the unit of resumption (default: 64)")
+    parser.add_argument("--limit", type=int, help="use only the first N source examples")
+    parser.add_argument("--target-dtype", help="load the target in this dtype, e.g. bfloat16")
+
+
+@command("prepare-data", _configure_prepare_data)
+def run_prepare_data(args: argparse.Namespace) -> int:
+    """Regenerate responses with the target (greedy) and save a training-ready dataset."""
+    from .loading import load_target, make_encoder, read_prompts
+    from .training import prepare_dataset
+
+    _require(args, "target", "output")
+    if bool(args.prompts) == bool(args.hf_dataset):
+        raise SystemExit("hf-dream prepare-data: give exactly one of --prompts or --hf-dataset")
+    if args.prompts:
+        source, base_dir = read_prompts(args.prompts), Path(args.prompts).parent
+    else:
+        from datasets import load_from_disk
+
+        source, base_dir = load_from_disk(args.hf_dataset), None
+    if args.limit:
+        source = [source[i] for i in range(min(args.limit, len(source)))]
+    target, processor = load_target(args.target, dtype=args.target_dtype)
+    dataset = prepare_dataset(
+        target, source, make_encoder(target, processor, base_dir), args.output,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+    )
+    lengths = [len(row) - start for row, start in zip(dataset["input_ids"], dataset["prompt_length"])]
+    print(f"{len(dataset)} examples -> {Path(args.output) / 'dataset'} (mean response {sum(lengths) / len(lengths):.1f} tokens)")
+    return 0
+
+
+def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="target spec (as for prepare-data)")
+    parser.add_argument("--dataset", help="prepared dataset folder (output of prepare-data)")
+    parser.add_argument("--out", default="calibration", help="report folder (default: ./calibration)")
+    parser.add_argument("--num-samples", type=int, default=64, help="rows to analyse (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per target pass (default: 4)")
+    parser.add_argument("--all-layers", action="store_true", help="candidates = every layer 1..L-1 (paper) instead of 1..int(0.4L)-2 (reference code)")
+
+
+@command("calibrate", _configure_calibrate)
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Report which target layer entropy-adaptive selection picks (table + PNG histogram)."""
+    from .loading import load_target
+    from .training.calibrate import calibrate_layers, write_calibration_report
+    from .training.script import load_prepared
+
+    _require(args, "target", "dataset")
+    target, _ = load_target(args.target)
+    layers = None
+    if args.all_layers:
+        layers = list(range(1, target.config.get_text_config().num_hidden_layers))
+    result = calibrate_layers(target, load_prepared(args.dataset), layers, args.num_samples, args.batch_size)
+    paths = write_calibration_report(result, args.out)
+    print(paths["markdown"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _train_dataclasses():
+    from .training.script import DreamScriptArguments
+    from .training.trainer import DreamTrainingArguments
+
+    return (DreamScriptArguments, DreamTrainingArguments)
+
+
+@command("train", dataclass_types=_train_dataclasses())
+def run_train(args: argparse.Namespace) -> int:
+    """Distil a DREAM drafter for a target on prepared data (every TrainingArguments option works)."""
+    from .training.script import run_training
+
+    script_args, training_args = dataclasses_from(args, *_train_dataclasses())
+    run_training(script_args, training_args)
+    return 0
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name in names if not getattr(args, name)]
+    if missing:
+        raise SystemExit(f"hf-dream {args.command}: missing {', '.join(missing)}")
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-dream",
         description="DREAM speculative decoding for vision-language models in transformers.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (configure, run) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0], description=run.__doc__)
-        configure(sub)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HfArgumentParser)
+    parser.subcommands = {}
+    for name, (configure, run, dataclass_types) in COMMANDS.items():
+        doc = (run.__doc__ or "").strip()
+        sub = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc, dataclass_types=list(dataclass_types))
+        sub.add_argument("--config", help="YAML or JSON file of option values; options given on the command line win.")
+        if configure is not None:
+            configure(sub)
         sub.set_defaults(run=run)
+        parser.subcommands[name] = sub
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if "--config" in argv[1:]:
+        # the config file provides defaults; explicit command-line options override it
+        config = _load_config(argv[argv.index("--config") + 1])
+        subparser = parser.subcommands[argv[0]]
+        known = {action.dest for action in subparser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {argv[argv.index('--config') + 1]}: {', '.join(unknown)}")
+        subparser.set_defaults(**config)
+    args = parser.parse_args(argv)
     return args.run(args)
 
 

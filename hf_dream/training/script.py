@@ -1,0 +1,88 @@
+"""The training job behind `hf-dream train`, usable as is under `torchrun` / `accelerate launch`:
+
+    torchrun --nproc_per_node 2 -m hf_dream train --config train.yaml
+    accelerate launch -m hf_dream train --config train.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_from_disk
+
+from ..modeling_dream import DreamDraftModel
+from .trainer import DreamTrainer, DreamTrainingArguments
+
+
+@dataclass
+class DreamScriptArguments:
+    """What to train: the target, the prepared data and the drafter."""
+
+    target: str | None = field(
+        default=None,
+        metadata={"help": "Target spec: a folder or Hub id, 'reference:<name>' or 'tiny:<family>' (required)."},
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Prepared dataset: the output folder of `hf-dream prepare-data` (required)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "Prepared dataset for evaluation (optional)."})
+    eval_size: int = field(
+        default=0, metadata={"help": "Without --eval_dataset: hold out this many rows of --dataset for evaluation."}
+    )
+    drafter: str | None = field(
+        default=None, metadata={"help": "Start from this saved drafter (folder or Hub id) instead of a fresh one."}
+    )
+    fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM) or 'concat' (EAGLE-style)."})
+    visual_keep_ratio: float = field(default=0.75, metadata={"help": "Fresh drafter: fraction of visual tokens it sees."})
+    num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round."})
+    target_dtype: str | None = field(default=None, metadata={"help": "Load the target in this dtype (e.g. bfloat16)."})
+    save_drafter_to: str | None = field(
+        default=None, metadata={"help": "Where to save the trained drafter (default: <output_dir>/drafter)."}
+    )
+
+
+def load_prepared(path: str | Path):
+    """A prepared dataset from `path` or `path/dataset` (the layout `prepare-data` writes)."""
+    path = Path(path)
+    if (path / "dataset").is_dir():
+        path = path / "dataset"
+    if not path.is_dir():
+        raise FileNotFoundError(f"No prepared dataset at {path}: run `hf-dream prepare-data` first.")
+    return load_from_disk(str(path))
+
+
+def run_training(script_args: DreamScriptArguments, training_args: DreamTrainingArguments) -> DreamDraftModel:
+    """Load the target and data, build or load the drafter, train, save. Returns the drafter."""
+    from ..loading import load_target
+
+    if not script_args.target or not script_args.dataset:
+        raise ValueError("Both --target and --dataset are required (on the command line or in --config).")
+    target, _ = load_target(script_args.target, dtype=script_args.target_dtype)
+    train_dataset = load_prepared(script_args.dataset)
+    eval_dataset = load_prepared(script_args.eval_dataset) if script_args.eval_dataset else None
+    if eval_dataset is None and script_args.eval_size > 0:
+        if script_args.eval_size >= len(train_dataset):
+            raise ValueError(f"--eval_size {script_args.eval_size} leaves no training rows ({len(train_dataset)} in all).")
+        split = len(train_dataset) - script_args.eval_size
+        train_dataset, eval_dataset = train_dataset.select(range(split)), train_dataset.select(range(split, len(train_dataset)))
+    if script_args.drafter:
+        drafter = DreamDraftModel.from_pretrained(script_args.drafter).to(target.device)
+    else:
+        drafter = DreamDraftModel.from_target(
+            target,
+            fusion=script_args.fusion,
+            visual_keep_ratio=script_args.visual_keep_ratio,
+            num_draft_tokens=script_args.num_draft_tokens,
+            target_name_or_path=script_args.target,
+        )
+    drafter = drafter.float()  # master weights in fp32; use --bf16 for mixed precision
+    trainer = DreamTrainer(
+        model=drafter, teacher=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_dataset is not None:
+        trainer.evaluate()
+    destination = script_args.save_drafter_to or str(Path(training_args.output_dir) / "drafter")
+    trainer.save_model(destination)
+    return drafter

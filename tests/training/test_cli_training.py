@@ -1,0 +1,60 @@
+"""`hf-dream prepare-data`, `train` (with a YAML config) and `calibrate` on a tiny target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_dream import DreamDraftModel
+from hf_dream.cli import main
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    lines = [{"image": f"img{i}.png", "prompt": f"Describe picture number {i}."} for i in range(6)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_prepare_train_calibrate(tmp_path, prompts, capsys):
+    data = tmp_path / "data"
+    assert main(["prepare-data", "--target", "tiny:gemma3", "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "24", "--shard-size", "4"]) == 0
+    assert "6 examples" in capsys.readouterr().out
+
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "target: tiny:gemma3\n"
+        f"dataset: {data}\n"
+        "eval_size: 2\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+        "max_steps: 4\nper_device_train_batch_size: 2\nlearning_rate: 0.001\n"
+        "use_cpu: true\nreport_to: none\nsave_strategy: 'no'\ndisable_tqdm: true\nacceptance_eval_samples: 1\n"
+    )
+    # a command-line option overrides the config file
+    assert main(["train", "--config", str(config), "--visual_keep_ratio", "0.5"]) == 0
+    drafter = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
+    assert drafter.config.visual_keep_ratio == 0.5 and drafter.config.target_model_type == "gemma3"
+    assert drafter.config.target_name_or_path == "tiny:gemma3"
+
+    assert main(["calibrate", "--target", "tiny:gemma3", "--dataset", str(data), "--out", str(tmp_path / "cal"), "--all-layers"]) == 0
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["candidate_layers"] == [1] and report["response_tokens"] > 0
+    assert sum(report["counts"].values()) == report["response_tokens"]
+    assert (tmp_path / "cal" / "calibration.png").stat().st_size > 1000
+
+
+def test_bad_inputs_are_named(tmp_path, prompts):
+    with pytest.raises(SystemExit, match="missing --output"):
+        main(["prepare-data", "--target", "tiny:llava", "--prompts", str(prompts)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: .*'prompt'"):
+        main(["prepare-data", "--target", "tiny:llava", "--prompts", str(bad), "--output", str(tmp_path / "o")])
+    config = tmp_path / "c.yaml"
+    config.write_text("target: tiny:llava\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(config)])
+    with pytest.raises(FileNotFoundError, match="prepare-data"):
+        main(["train", "--target", "tiny:llava", "--dataset", str(tmp_path / "nothing"), "--use_cpu", "--report_to", "none"])

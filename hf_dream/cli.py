@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -191,6 +192,81 @@ def _require(args: argparse.Namespace, *names: str) -> None:
         raise SystemExit(f"hf-dream {args.command}: missing {', '.join(missing)}")
 
 
+# --- benchmark ----------------------------------------------------------------------------
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="target spec: folder or Hub id, 'reference:<name>' or 'tiny:<family>'")
+    parser.add_argument(
+        "--drafter", action="append", default=[],
+        help="drafter folder or Hub id, optionally NAME=PATH (repeatable); default names: 'dream' (cross-attention), 'eagle' (concat)",
+    )
+    parser.add_argument("--prompts", help="JSONL: one {\"image\": path-or-list, \"prompt\": str} per line (images relative to the file)")
+    parser.add_argument("--methods", default="ar,prompt_lookup,dream", help="comma list: ar, prompt_lookup, <drafter name>, <drafter name>_tree (default: ar,prompt_lookup,dream)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against ar), >0 = sampling (default: 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
+    parser.add_argument("--limit", type=int, help="use only the first N prompts")
+    parser.add_argument("--target-dtype", help="target dtype, e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--drafter-dtype", help="drafter dtype, e.g. bfloat16 (default: the target's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tree-top-k", type=int, help="tree methods: children per expanded node")
+    parser.add_argument("--tree-depth", type=int, help="tree methods: draft depth")
+    parser.add_argument("--tree-total-tokens", type=int, help="tree methods: nodes verified per pass")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up call per method")
+    parser.add_argument("--out", default="results.json", help="result JSON; the .md table and .png plot go beside it (default: results.json)")
+
+
+def _load_drafters(specs: list[str], target, dtype) -> dict:
+    from . import DreamDraftModel
+
+    drafters = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        drafter = DreamDraftModel.from_pretrained(path).to(device=target.device, dtype=dtype or target.dtype)
+        drafter.attach_target(target)
+        name = name or ("dream" if drafter.config.fusion == "cross_attention" else "eagle")
+        if name in drafters:
+            raise SystemExit(f"hf-dream bench: two drafters named {name!r}; use NAME=PATH")
+        drafters[name] = drafter.eval()
+    return drafters
+
+
+@command("bench", _configure_bench)
+def run_bench(args: argparse.Namespace) -> int:
+    """Benchmark decoding methods on one target, interleaved per prompt; writes JSON, table and plot."""
+    import torch
+
+    from .evaluation import benchmark, build_methods, correctness_failures, write_reports
+    from .evaluation.bench import machine_description
+    from .loading import load_target, make_encoder, read_prompts
+
+    _require(args, "target", "prompts")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    examples = read_prompts(args.prompts)[: args.limit]
+    target, processor = load_target(args.target, dtype=args.target_dtype)
+    drafters = _load_drafters(args.drafter, target, getattr(torch, args.drafter_dtype) if args.drafter_dtype else None)
+    tree_options = {k: v for k, v in {"tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth, "tree_total_tokens": args.tree_total_tokens}.items() if v}
+    methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options)
+    encode = make_encoder(target, processor, Path(args.prompts).parent)
+    encoded = [{k: v.to(target.device) for k, v in encode(example).items()} for example in examples]
+    result = benchmark(target, encoded, methods, args.max_new_tokens, args.temperature, warmup=not args.no_warmup)
+    result["settings"] = {
+        "target": args.target, "drafters": args.drafter, "methods": [m.name for m in methods], "prompts_file": args.prompts,
+        "num_prompts": len(encoded), "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+        "target_dtype": str(target.dtype), "command": "hf-dream " + shlex.join(args.argv),
+        "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+    }
+    paths = write_reports(result, args.out)
+    print(paths["markdown"].read_text())
+    for name, error in result["method_errors"].items():
+        print(f"method {name} could not run on this target: {error}", file=sys.stderr)
+    failures = correctness_failures(result)
+    if failures:
+        print(f"CORRECTNESS FAILURE: greedy output differs from plain decoding for {', '.join(failures)}", file=sys.stderr)
+        return 2
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -223,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown option(s) in {argv[argv.index('--config') + 1]}: {', '.join(unknown)}")
         subparser.set_defaults(**config)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

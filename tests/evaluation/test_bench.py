@@ -1,0 +1,75 @@
+"""`hf-dream bench` on a tiny target: every method runs interleaved, results are checked and reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cached_target
+
+from hf_dream import DreamDraftModel
+from hf_dream.cli import main
+from hf_dream.evaluation.bench import Method, summarize
+
+
+@pytest.fixture
+def setup(tmp_path):
+    target = cached_target("idefics3")
+    DreamDraftModel.from_target(target).save_pretrained(tmp_path / "dream")
+    DreamDraftModel.from_target(target, fusion="concat").save_pretrained(tmp_path / "eagle")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"image": f"{i}.png", "prompt": f"question {i}"}) for i in range(3)) + "\n")
+    return tmp_path, prompts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bench_writes_json_table_and_plot(setup, temperature):
+    tmp_path, prompts = setup
+    out = tmp_path / f"results-{temperature}.json"
+    argv = [
+        "bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--drafter", str(tmp_path / "eagle"),
+        "--prompts", str(prompts), "--methods", "ar,prompt_lookup,eagle,dream", "--max-new-tokens", "12",
+        "--temperature", str(temperature), "--out", str(out),
+    ]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert list(result["summary"]) == ["ar", "prompt_lookup", "eagle", "dream"]
+    for name, entry in result["summary"].items():
+        assert entry["prompts"] == 3 and entry["new_tokens"] == 36
+        assert entry["speedup_median"] > 0
+        if temperature == 0:
+            assert entry["identical_to_ar"] is True
+    assert result["summary"]["ar"]["acceptance_length"] == 1.0
+    assert result["summary"]["dream"]["acceptance_length"] >= 1.0
+    assert result["model_bytes"]["dream"]["overhead_vs_target"] > 0
+    assert result["settings"]["command"].startswith("hf-dream bench --target tiny:idefics3")
+    assert "| dream |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_a_greedy_mismatch_is_a_correctness_failure():
+    runs = {
+        "ar": [{"seconds": 1.0, "new_tokens": [1, 2, 3], "target_passes": 3, "peak_memory_bytes": 1}],
+        "dream": [{"seconds": 0.5, "new_tokens": [1, 2, 4], "target_passes": 2, "peak_memory_bytes": 1}],
+    }
+    summary = summarize(runs, [Method("ar", "ar"), Method("dream", "chain")], temperature=0.0)
+    assert summary["dream"]["identical_to_ar"] is False and summary["dream"]["mismatched_prompts"] == [0]
+    assert summary["dream"]["speedup_median"] == 2.0 and summary["dream"]["acceptance_length"] == 1.5
+
+
+def test_unknown_method_lists_the_available_ones(setup):
+    tmp_path, prompts = setup
+    with pytest.raises(ValueError, match="available with these drafters: ar, prompt_lookup, dream, dream_tree"):
+        main(["bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--prompts", str(prompts), "--methods", "ar,medusa", "--out", str(tmp_path / "r.json")])
+
+
+def test_a_method_that_cannot_run_is_reported_not_fatal(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"image": "a.png", "prompt": "q"}) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--target", "tiny:gemma3", "--prompts", str(prompts), "--methods", "ar,prompt_lookup", "--max-new-tokens", "6", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # stock prompt lookup indexes the embedding with Gemma3's out-of-vocabulary image id
+    assert set(result["summary"]) == {"ar"} or "prompt_lookup" in result["summary"]
+    if "prompt_lookup" not in result["summary"]:
+        assert "prompt_lookup" in result["method_errors"]

@@ -45,6 +45,11 @@ class DreamConfig(PreTrainedConfig):
         draft_schedule (`str`): `"constant"` drafts `num_draft_tokens` every round;
             `"heuristic"` adapts it during a call as transformers' assistants do (+2 after a
             fully accepted draft, -1 otherwise, never below 1).
+        draft_vocab_size (`int`, *optional*): If set, the drafter predicts only this many of the
+            target's tokens (the most frequent ones in its training data, EAGLE-3 style): its
+            output layer is the matching rows of the target's lm_head, a large saving when the
+            target's vocabulary is big (49k for SmolLM2, 262k for Gemma 3). The id map is saved
+            with the drafter as the `draft_vocab` buffer.
         target_model_type (`str`): `model_type` of the target (e.g. `"llava"`, `"gemma3"`).
         target_name_or_path (`str`): Hub id or path of the target, for model cards and checks.
         target_num_hidden_layers (`int`): Number of decoder layers of the target's text model.
@@ -74,6 +79,7 @@ class DreamConfig(PreTrainedConfig):
     visual_keep_ratio: float = 0.75
     num_draft_tokens: int = 5
     draft_schedule: str = "constant"
+    draft_vocab_size: int | None = None
     target_model_type: str | None = None
     target_name_or_path: str | None = None
     target_num_hidden_layers: int | None = None
@@ -92,6 +98,8 @@ class DreamConfig(PreTrainedConfig):
             raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
         if self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"`draft_vocab_size` must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}.")
         if self.draft_schedule not in DRAFT_SCHEDULES:
             raise ValueError(f"`draft_schedule` must be one of {DRAFT_SCHEDULES}, got {self.draft_schedule!r}.")
         if self.entropy_candidate_layers is None and self.target_num_hidden_layers:

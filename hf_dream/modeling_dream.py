@@ -188,6 +188,11 @@ class DreamDraftModel(DreamPreTrainedModel):
         self.middle_block = None if is_cross else LlamaDecoderLayer(self.decoder_config, layer_idx=1)
         self.final_block = LlamaDecoderLayer(self.decoder_config, layer_idx=num_cached - 1)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.draft_vocab_size is not None:
+            # target token id of each draft-vocabulary entry; set by `set_draft_vocab`, saved with the drafter
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size), persistent=True)
+        else:
+            self.draft_vocab = None
         self.target_adapter: TargetAdapter | None = None
         self.last_stats: dict | None = None
         self.post_init()
@@ -313,8 +318,30 @@ class DreamDraftModel(DreamPreTrainedModel):
             hidden_states = self.middle_block(hidden_states, **block_kwargs)
         hidden_states = self.final_block(hidden_states, **block_kwargs)
         features = self.norm(hidden_states)
-        logits = self._adapter().logits(features.to(self._adapter().lm_head.weight.dtype)) if return_logits else None
+        logits = self.draft_logits(features) if return_logits else None
         return DreamDraftOutput(logits=logits, features=features, first_block_hidden=first_block_hidden)
+
+    def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (the target's whole vocabulary unless reduced)."""
+        adapter = self._adapter()
+        return adapter.logits(features.to(adapter.lm_head.weight.dtype), rows=self.draft_vocab)
+
+    def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits scattered into the target's vocabulary (-inf elsewhere), so
+        that logits processors and speculative sampling see target token ids."""
+        if self.draft_vocab is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab, logits)
+
+    def set_draft_vocab(self, token_ids) -> None:
+        """Use these target token ids (length `config.draft_vocab_size`, distinct) as the draft vocabulary."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if self.draft_vocab is None or token_ids.shape != self.draft_vocab.shape:
+            raise ValueError(f"Expected {self.config.draft_vocab_size} token ids (config.draft_vocab_size), got {tuple(token_ids.shape)}.")
+        if token_ids.unique().numel() != token_ids.numel() or token_ids.min() < 0 or token_ids.max() >= self.config.vocab_size:
+            raise ValueError(f"Draft vocabulary ids must be distinct target ids in [0, {self.config.vocab_size}).")
+        self.draft_vocab.copy_(token_ids.to(self.draft_vocab.device))
 
     @staticmethod
     def _previous_features(memory: DreamFeatureMemory, position_ids: torch.LongTensor) -> torch.Tensor:

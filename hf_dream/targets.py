@@ -113,13 +113,27 @@ class TargetAdapter:
         safe_ids = input_ids.masked_fill(input_ids >= self.vocab_size, 0)
         return self.input_embeddings(safe_ids)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Token logits from last-layer (post-final-norm) features, as the target computes them."""
-        logits = self.lm_head(features)
+    def logits(self, features: torch.Tensor, rows: torch.LongTensor | None = None) -> torch.Tensor:
+        """Token logits from last-layer (post-final-norm) features, as the target computes them;
+        with `rows`, only those vocabulary entries (a reduced draft vocabulary), in that order."""
+        if rows is None:
+            logits = self.lm_head(features)
+        else:
+            weight, bias = self._lm_head_rows(rows)
+            logits = torch.nn.functional.linear(features, weight, bias)
         softcap = getattr(self.text_config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+    def _lm_head_rows(self, rows: torch.LongTensor):
+        # The target's lm_head is frozen while drafting and training: slice it once per id map.
+        key = (rows.data_ptr(), rows.numel(), self.lm_head.weight.data_ptr(), self.lm_head.weight.dtype)
+        if getattr(self, "_rows_key", None) != key:
+            bias = getattr(self.lm_head, "bias", None)
+            self._rows = (self.lm_head.weight[rows], None if bias is None else bias[rows])
+            self._rows_key = key
+        return self._rows
 
     def image_token_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """True at positions holding image features (the placeholders the target replaces)."""

@@ -132,3 +132,25 @@ def test_unattached_drafter_says_what_to_do():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DreamConfig(hidden_size=64, num_attention_heads=4, **{field: value})
+
+
+def test_reduced_draft_vocabulary_round_trip(tmp_path):
+    target = cached_target("llava")
+    drafter = trained_looking(DreamDraftModel.from_target(target, draft_vocab_size=40))
+    vocab = torch.arange(100, 140)
+    drafter.set_draft_vocab(vocab)
+    embeds, features, positions = random_inputs(drafter)
+    out = drafter(embeds, positions, target_features=features)
+    assert out.logits.shape[-1] == 40
+    # the reduced logits are exactly the target lm_head's rows for those ids
+    assert torch.allclose(out.logits, target.lm_head(out.features)[..., vocab], atol=1e-6)
+    full = drafter.to_target_vocab(out.logits)
+    assert full.shape[-1] == target.config.get_text_config().vocab_size
+    assert torch.isinf(full[..., :100]).all() and torch.equal(full[..., vocab], out.logits)
+    drafter.save_pretrained(tmp_path)
+    loaded = DreamDraftModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.draft_vocab, vocab)
+    with pytest.raises(ValueError, match="distinct"):
+        drafter.set_draft_vocab(torch.zeros(40, dtype=torch.long))
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        DreamDraftModel.from_target(target, draft_vocab_size=10**6)

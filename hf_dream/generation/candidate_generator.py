@@ -145,7 +145,7 @@ class DreamCandidateGenerator(CandidateGenerator):
         num_tokens = min(self.num_draft_tokens, budget)
         candidates, processed_logits = input_ids, []
         for step in range(num_tokens):
-            logits = self.logits_processor(candidates, output.logits[:, -1].float())
+            logits = self.logits_processor(candidates, self.drafter.to_target_vocab(output.logits[:, -1].float()))
             if self.do_sample:
                 token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
             else:

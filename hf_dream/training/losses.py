@@ -37,7 +37,11 @@ def dream_losses(draft, teacher_logits, teacher_features, teacher_mid, mask) -> 
     return losses
 
 
-def top1_agreement(teacher_logits: torch.Tensor, draft_logits: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-    """(agreeing positions, positions) of the argmax tokens over `mask`."""
-    agree = (teacher_logits.argmax(-1) == draft_logits.argmax(-1)) & mask
+def top1_agreement(teacher_logits, draft_logits, mask, draft_vocab: torch.Tensor | None = None) -> tuple[int, int]:
+    """(agreeing positions, positions) of the argmax tokens over `mask`; with a reduced draft
+    vocabulary, draft argmaxes are mapped to target ids and teacher argmaxes use its full vocabulary."""
+    draft_top = draft_logits.argmax(-1)
+    if draft_vocab is not None:
+        draft_top = draft_vocab[draft_top]
+    agree = (teacher_logits.argmax(-1) == draft_top) & mask
     return int(agree.sum()), int(mask.sum())

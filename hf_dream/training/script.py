@@ -13,6 +13,7 @@ from datasets import load_from_disk
 
 from ..modeling_dream import DreamDraftModel
 from .trainer import DreamTrainer, DreamTrainingArguments
+from .vocab import most_frequent_tokens
 
 
 @dataclass
@@ -36,6 +37,10 @@ class DreamScriptArguments:
     fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM) or 'concat' (EAGLE-style)."})
     visual_keep_ratio: float = field(default=0.75, metadata={"help": "Fresh drafter: fraction of visual tokens it sees."})
     num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round."})
+    draft_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style)."},
+    )
     target_dtype: str | None = field(default=None, metadata={"help": "Load the target in this dtype (e.g. bfloat16)."})
     save_drafter_to: str | None = field(
         default=None, metadata={"help": "Where to save the trained drafter (default: <output_dir>/drafter)."}
@@ -74,8 +79,13 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             fusion=script_args.fusion,
             visual_keep_ratio=script_args.visual_keep_ratio,
             num_draft_tokens=script_args.num_draft_tokens,
+            draft_vocab_size=script_args.draft_vocab_size,
             target_name_or_path=script_args.target,
         )
+        if script_args.draft_vocab_size:
+            eos = target.generation_config.eos_token_id
+            eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            drafter.set_draft_vocab(most_frequent_tokens(train_dataset, script_args.draft_vocab_size, always=eos))
     drafter = drafter.float()  # master weights in fp32; use --bf16 for mixed precision
     trainer = DreamTrainer(
         model=drafter, teacher=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset

@@ -148,12 +148,15 @@ class DreamTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         draft, gathered, mask, teacher = self._batch_outputs(model, inputs)
-        losses = dream_losses(draft, gathered["logits"], gathered["features"], gathered["mid"], mask)
+        draft_vocab = self.accelerator.unwrap_model(model).draft_vocab
+        # with a reduced draft vocabulary the KL compares the target's distribution renormalised on it
+        kl_logits = gathered["logits"] if draft_vocab is None else gathered["logits"][..., draft_vocab]
+        losses = dream_losses(draft, kl_logits, gathered["features"], gathered["mid"], mask)
         args = self.args
         loss = args.w_kl * losses["kl"] + args.w_final * losses["final"]
         if "mid" in losses:
             loss = loss + args.w_mid * losses["mid"]
-        agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask)
+        agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask, draft_vocab)
         prefix = "" if model.training else "eval_"
         for name, value in losses.items():
             self._metrics.setdefault(f"{prefix}loss_{name}", []).append(float(value.detach()))

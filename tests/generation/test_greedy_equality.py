@@ -129,3 +129,16 @@ def test_repeated_calls_reset_state(target, inputs):
     second = target.generate(**inputs, max_new_tokens=20, do_sample=False, assistant_model=drafter)
     assert torch.equal(first, second) and torch.equal(first, reference)
     assert drafter.last_stats["target_passes"] == stats["target_passes"]
+
+
+def test_reduced_draft_vocabulary_greedy_equality(target, inputs):
+    reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target, draft_vocab_size=32)
+    # a draft vocabulary holding half of the tokens the target will produce
+    produced = reference[0, inputs["input_ids"].shape[1] :].unique()
+    vocab = torch.cat([produced[::2], torch.tensor([t for t in range(200) if t not in produced.tolist()])])[:32]
+    drafter.set_draft_vocab(vocab.sort().values)
+    output = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, assistant_model=drafter)
+    assert torch.equal(output, reference)
+    check_stats(drafter.last_stats, inputs["input_ids"].shape[1], output)

@@ -105,8 +105,15 @@ class AlwaysAcceptGenerator(DreamCandidateGenerator):
         return candidates, torch.zeros_like(logits).scatter(-1, drafted[..., None], -40.0)
 
 
-def test_sampling_distribution_matches_plain_sampling(setup):
+@pytest.mark.parametrize("draft_vocab_size", [None, 12])
+def test_sampling_distribution_matches_plain_sampling(setup, draft_vocab_size):
     target, inputs, kwargs, drafter = setup
+    if draft_vocab_size:  # tokens outside the draft vocabulary have q = 0: still lossless
+        torch.manual_seed(DRAFTER_SEED)
+        drafter = DreamDraftModel.from_target(target, num_draft_tokens=2, draft_vocab_size=draft_vocab_size)
+        with torch.no_grad():
+            drafter.cross_block.attn_gate.fill_(1.0)
+        drafter.set_draft_vocab(torch.arange(8, 8 + draft_vocab_size))
     p2, p3 = exact_token_marginals(target, inputs, kwargs)
     # the drafter really disagrees with the target (otherwise the test would prove nothing)
     assert (p2.max() < 0.9) and (p3.max() < 0.9)

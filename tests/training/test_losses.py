@@ -65,3 +65,15 @@ def test_response_mask_marks_positions_that_predict_response_tokens():
     # row 0: tokens 3, 4, 5 are the response; positions 2, 3, 4 predict them
     assert mask[0].tolist() == [False, False, True, True, True, False, False, False]
     assert mask[1].tolist() == [False, False, False, False, True, True, True, False]
+
+
+def test_most_frequent_tokens_and_coverage():
+    from datasets import Dataset
+
+    from hf_dream.training.vocab import most_frequent_tokens, vocabulary_coverage
+
+    dataset = Dataset.from_dict({"input_ids": [[9, 9, 5, 5, 5, 7], [9, 8, 8, 8, 6]], "prompt_length": [2, 1]})
+    # response tokens: 5 x3, 7 x1, 8 x3, 6 x1 (prompt tokens 9 are not counted)
+    vocab = most_frequent_tokens(dataset, 3, always=[2])
+    assert vocab.tolist() == [2, 5, 8]
+    assert vocabulary_coverage(dataset, vocab) == 6 / 8

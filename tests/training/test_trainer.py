@@ -64,11 +64,17 @@ def test_interrupted_preparation_resumes_to_the_same_dataset(tmp_path):
         prepare_dataset(target, [{"seed": i} for i in range(10)], crashing_encode, tmp_path / "resumed", max_new_tokens=12)
 
 
-def test_training_raises_the_acceptance_length(tmp_path):
+@pytest.mark.parametrize("draft_vocab_size", [None, 96])
+def test_training_raises_the_acceptance_length(tmp_path, draft_vocab_size):
     target = cached_target(FAMILY)
     dataset = prepare(tmp_path, num=16)
     torch.manual_seed(0)
-    drafter = DreamDraftModel.from_target(target)
+    drafter = DreamDraftModel.from_target(target, draft_vocab_size=draft_vocab_size)
+    if draft_vocab_size:
+        from hf_dream.training.vocab import most_frequent_tokens, vocabulary_coverage
+
+        drafter.set_draft_vocab(most_frequent_tokens(dataset, draft_vocab_size, always=[2]))
+        assert vocabulary_coverage(dataset, drafter.draft_vocab) > 0.9
     before = measure_acceptance_length(target, drafter, dataset, 8, 32)
     args = DreamTrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=300, per_device_train_batch_size=4, learning_rate=3e-3, warmup_steps=10,

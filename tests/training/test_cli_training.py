@@ -58,3 +58,22 @@ def test_bad_inputs_are_named(tmp_path, prompts):
         main(["train", "--config", str(config)])
     with pytest.raises(FileNotFoundError, match="prepare-data"):
         main(["train", "--target", "tiny:llava", "--dataset", str(tmp_path / "nothing"), "--use_cpu", "--report_to", "none"])
+
+
+def test_shipped_training_configs_name_real_options():
+    from pathlib import Path
+
+    import yaml
+
+    import hf_dream
+    from hf_dream.cli import build_parser
+
+    configs = Path(hf_dream.__file__).parent / "training" / "configs"
+    train = build_parser().subcommands["train"]
+    known = {action.dest for action in train._actions}
+    for path in configs.glob("train_*.yaml"):
+        options = yaml.safe_load(path.read_text())
+        assert set(options) <= known, (path.name, set(options) - known)
+    accelerate = yaml.safe_load((configs / "accelerate_fsdp2.yaml").read_text())
+    assert accelerate["distributed_type"] == "FSDP" and accelerate["fsdp_config"]["fsdp_version"] == 2
+    assert "DreamCrossAttentionBlock" in accelerate["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]

@@ -1,4 +1,5 @@
 from .candidate_generator import DreamCandidateGenerator
 from .hook import install, uninstall
+from .tree import DraftTree, compact_cache, tree_generate, verify_tree
 
-__all__ = ["DreamCandidateGenerator", "install", "uninstall"]
+__all__ = ["DraftTree", "DreamCandidateGenerator", "compact_cache", "install", "tree_generate", "uninstall", "verify_tree"]

@@ -72,11 +72,13 @@ class DreamCandidateGenerator(CandidateGenerator):
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0):
         self.stats["target_passes"] += 1
         if is_first_iteration:
-            self._start_importance_recording(input_ids)
+            self.start_prefill(input_ids)
             return input_ids, None
 
+        hidden_states = model_outputs.hidden_states
+        prompt_embeds = hidden_states[0] if self.draft_positions == 0 else None
         with torch.no_grad():
-            output = self._catch_up(input_ids, model_outputs, n_last_matches)
+            output = self.catch_up(input_ids, hidden_states[self._last_layer], n_last_matches, prompt_embeds)
             candidates, candidate_logits = self._draft(input_ids, output)
         self.num_drafted = candidates.shape[1] - input_ids.shape[1]
         self.stats["drafted_tokens"] += self.num_drafted
@@ -94,16 +96,16 @@ class DreamCandidateGenerator(CandidateGenerator):
             fully_accepted = num_matches == self.num_drafted
             self.num_draft_tokens = self.num_draft_tokens + 2 if fully_accepted else max(1, self.num_draft_tokens - 1)
 
-    # --- internals -------------------------------------------------------------------------
-    def _start_importance_recording(self, input_ids):
+    # --- drafter state (shared with tree drafting) -------------------------------------------
+    def start_prefill(self, input_ids) -> None:
+        """Call before the target's prefill: records what ranks visual tokens for compression."""
         if self.drafter.config.visual_keep_ratio < 1.0 and self.adapter.image_token_mask(input_ids).any():
             last_attention = self.adapter.decoder_layers[-1].self_attn
             self._importance_recorder = AttentionInputRecorder({0: last_attention}).start()
 
-    def _prefill_inputs(self, input_ids, model_outputs):
+    def _prefill_inputs(self, input_ids, prompt_embeds):
         """Drafter inputs after the target's prefill: the prompt's merged embeddings with the
         least-attended visual tokens dropped, plus the target's first new token."""
-        prompt_embeds = model_outputs.hidden_states[0]
         prompt_length = prompt_embeds.shape[1]
         image_mask = self.adapter.image_token_mask(input_ids[:, :prompt_length])
         keep = torch.ones_like(image_mask)
@@ -121,25 +123,30 @@ class DreamCandidateGenerator(CandidateGenerator):
         positions = torch.cat([positions, torch.arange(prompt_length, input_ids.shape[1], device=positions.device)])
         return embeds, positions[None]
 
-    def _catch_up(self, input_ids, model_outputs, n_last_matches):
+    def catch_up(self, input_ids, features, num_accepted: int, prompt_embeds=None):
         """Replace speculative state by the target's verified features and run the drafter over
-        the tokens it has not seen with real features (accepted drafts and the bonus token)."""
-        features = model_outputs.hidden_states[self._last_layer]
+        the tokens it has not seen with real features (accepted drafts and the bonus token).
+
+        `features` are the target's last-layer features of its last pass: after the prefill,
+        every prompt position (then `prompt_embeds`, the prefill's input embeddings, is needed);
+        after a verification, the pass's positions, of which the first `num_accepted + 1` are
+        now part of the sequence. Returns the drafter's output for those tokens."""
         if self.draft_positions == 0:
             self.memory.append(features)  # every prompt position
-            embeds, positions = self._prefill_inputs(input_ids, model_outputs)
+            embeds, positions = self._prefill_inputs(input_ids, prompt_embeds)
             self.model_kwargs_overrides = {"output_hidden_states": [self._last_layer]}
         else:
             # The verification pass covered [previous bonus token, drafts...]; its first
             # n_last_matches + 1 positions are now part of the sequence.
             self.memory.crop(self.draft_positions - 1)
-            self.memory.append(features[:, : n_last_matches + 1])
+            self.memory.append(features[:, : num_accepted + 1])
             self.cache.crop(-(self.cache.get_seq_length() - (self.draft_positions - self.num_pruned)))
             positions = torch.arange(self.draft_positions, input_ids.shape[1], device=input_ids.device)[None]
             embeds = self.adapter.embed(input_ids[:, self.draft_positions :])
         self.draft_positions = input_ids.shape[1]
         return self.drafter(embeds, positions, memory=self.memory, cache=self.cache)
 
+    # --- chain drafting ----------------------------------------------------------------------
     def _draft(self, input_ids, output):
         budget = self.max_length - input_ids.shape[1] - 1  # the verification pass adds one token itself
         num_tokens = min(self.num_draft_tokens, budget)
@@ -155,7 +162,7 @@ class DreamCandidateGenerator(CandidateGenerator):
             if step == num_tokens - 1 or self._is_eos(token):
                 break
             # The drafted token's position sees the drafter's own feature of the previous
-            # position until the target has verified it (cropped in the next `_catch_up`).
+            # position until the target has verified it (cropped in the next `catch_up`).
             self.memory.append(output.features[:, -1:])
             position = torch.tensor([[candidates.shape[1] - 1]], device=input_ids.device)
             output = self.drafter(self.adapter.embed(token), position, memory=self.memory, cache=self.cache)

@@ -74,6 +74,11 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
 def _generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
+        from .tree import tree_generate
+
+        if kwargs.get("custom_generate") is tree_generate and kwargs.get("streamer") is not None:
+            # transformers does not hand `streamer` to a custom_generate callable
+            kwargs["tree_streamer"] = kwargs.pop("streamer")
         drafter = kwargs.get("assistant_model")
         if _is_dream_drafter(drafter):
             inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))

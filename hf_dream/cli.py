@@ -267,6 +267,89 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- reference ---------------------------------------------------------------------------------
+def _configure_reference(parser: argparse.ArgumentParser) -> None:
+    from .reference.commands import configure
+
+    configure(parser)
+
+
+@command("reference", _configure_reference)
+def run_reference(args: argparse.Namespace) -> int:
+    """Build, evaluate or prompt a reference target (a real VLM assembled from registry-shipped weights)."""
+    from .reference.commands import run
+
+    return run(args)
+
+
+# --- Hub: cards and upload ------------------------------------------------------------------
+def _configure_card(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", help="drafter folder: config.json, and optionally weights, target_config.json, train.yaml, training.json (required)")
+    parser.add_argument(
+        "--bench", action="append", default=[],
+        help="`hf-dream bench` result JSON to tabulate in the card (repeatable); the table is generated from it, with its command, machine and date",
+    )
+    parser.add_argument("--out", help="where to write the card; if unset, DRAFTER/README.md")
+    parser.add_argument("--repo-id", help="Hub repo id shown in the usage example; if unset, hf-dream/<folder name>")
+    parser.add_argument("--license", help="license id for the metadata; if unset, target_config.json's 'license' (the target's license applies to a drafter)")
+    parser.add_argument("--base-model", help="target repo id for the metadata; if unset, config.json's target_name_or_path")
+    parser.add_argument(
+        "--remote-code", action="store_true",
+        help="first write the drafter's code into DRAFTER and set auto_map, so that users without hf-dream can load it with trust_remote_code=True",
+    )
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the card at --out differs from a fresh render (for CI)")
+
+
+@command("card", _configure_card)
+def run_card(args: argparse.Namespace) -> int:
+    """Render a drafter folder's model card (README.md) from its files and optional benchmark JSON."""
+    from .hub import export_remote_code, render_card, validate_card
+
+    _require(args, "drafter")
+    if args.remote_code:
+        for path in export_remote_code(args.drafter):
+            print(f"wrote {path}")
+    card = render_card(args.drafter, args.bench, repo_id=args.repo_id, license=args.license, base_model=args.base_model)
+    validate_card(card)
+    out = Path(args.out or Path(args.drafter) / "README.md")
+    if args.check:
+        if not out.exists() or out.read_text() != str(card):
+            print(f"{out} is not the card hf-dream renders now: run `hf-dream card --drafter {args.drafter}`", file=sys.stderr)
+            return 1
+        print(f"{out} is up to date")
+        return 0
+    out.write_text(str(card))
+    print(f"wrote {out}")
+    return 0
+
+
+def _configure_push(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--folder", help="drafter folder to upload, with its README.md card (required)")
+    parser.add_argument("--repo-id", help="target Hub repository, owner/name (required)")
+    parser.add_argument("--dry-run", action="store_true", help="check the folder and list exactly what would be uploaded (paths and sizes); no network")
+    parser.add_argument("--private", action="store_true", help="create the repository as private (when it does not exist yet)")
+    parser.add_argument("--token", help="Hub token; if unset, the HF_TOKEN variable or the token saved by `hf auth login`")
+    parser.add_argument("--commit-message", help="commit message; if unset, 'Upload DREAM drafter' (or '... config and card' without weights)")
+
+
+@command("push", _configure_push)
+def run_push(args: argparse.Namespace) -> int:
+    """Check a drafter folder (safetensors only, no target weights, valid card) and upload it to the Hub."""
+    from .hub import HubFolderError, push_to_hub
+
+    _require(args, "folder", "repo_id")
+    try:
+        result = push_to_hub(
+            args.folder, args.repo_id, dry_run=args.dry_run, token=args.token, private=args.private,
+            commit_message=args.commit_message,
+        )
+    except HubFolderError as error:
+        print(f"hf-dream push: refused.\n{error}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

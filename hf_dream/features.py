@@ -198,7 +198,6 @@ def read_teacher(
     model, layers = adapter.model, adapter.decoder_layers
     last = adapter.num_hidden_layers
     candidates = list(candidate_layers or [])
-    mid_layers = candidates or ([static_layer] if static_layer is not None else [])
     image_mask = adapter.image_token_mask(inputs["input_ids"])
     compress = keep_ratio < 1.0 and bool(image_mask.any())
     recorded = candidates + ([last - 1] if compress else [])

@@ -16,7 +16,7 @@ from hf_dream.testing import SUPPORTED_TINY_FAMILIES, build_tiny_target, make_ti
 torch.set_num_threads(1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_target(family: str, seed: int = 0, vocab_size: int | None = None):
     return build_tiny_target(family, seed=seed, vocab_size=vocab_size)
 
@@ -34,6 +34,18 @@ def target(family):
 @pytest.fixture
 def inputs(target):
     return make_tiny_inputs(target, seed=1)
+
+
+def check_stats(stats: dict, prompt_length: int, output: torch.Tensor) -> None:
+    """`last_stats` agrees with itself and with the output (chain and tree drafting)."""
+    new_tokens = output.shape[1] - prompt_length
+    assert stats["new_tokens"] == new_tokens
+    # the prefill pass drafts nothing: one drafted_per_pass entry per later pass
+    assert stats["target_passes"] == len(stats["accepted_per_pass"]) == len(stats["drafted_per_pass"]) + 1
+    assert stats["accepted_tokens"] == sum(stats["accepted_per_pass"])
+    assert stats["drafted_tokens"] == sum(stats["drafted_per_pass"])
+    assert sum(a + 1 for a in stats["accepted_per_pass"]) == new_tokens
+    assert stats["acceptance_length"] == pytest.approx(new_tokens / stats["target_passes"])
 
 
 def is_corrupted(position: int) -> bool:
@@ -65,8 +77,9 @@ class OracleDraftModel(DreamDraftModel):
         return output
 
 
-def oracle_drafter(target, sequence: torch.Tensor, **overrides) -> OracleDraftModel:
-    drafter = OracleDraftModel(DreamDraftModel.config_for_target(target, **overrides))
+def oracle_drafter(target, sequence: torch.Tensor, cls=None, **overrides) -> OracleDraftModel:
+    """An oracle drafter (`cls`, an OracleDraftModel by default) for `target`'s output `sequence`."""
+    drafter = (cls or OracleDraftModel)(DreamDraftModel.config_for_target(target, **overrides))
     drafter.attach_target(target)
     drafter.oracle = sequence[0]
     return drafter

@@ -310,8 +310,8 @@ class TreeDrafter:
         for index, layer in enumerate(self.state.cache.layers):
             keys, values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
             if paths[0]:  # every row has the same number of ancestors (one level at a time)
-                keys = torch.cat([keys, _stack(paths, lambda n: n.layer_kv[index][0], 1)], dim=2)
-                values = torch.cat([values, _stack(paths, lambda n: n.layer_kv[index][1], 1)], dim=2)
+                keys = torch.cat([keys, _stack(paths, lambda n, i=index: n.layer_kv[i][0], 1)], dim=2)
+                values = torch.cat([values, _stack(paths, lambda n, i=index: n.layer_kv[i][1], 1)], dim=2)
             cache.update(keys, values, index)
         return cache
 

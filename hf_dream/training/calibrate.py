@@ -10,7 +10,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..configuration_dream import default_entropy_candidate_layers

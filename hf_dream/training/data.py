@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets, load_from_disk
-from datasets.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
 # Keys aligned with the token sequence: padded along the sequence, not concatenated per image.

@@ -34,7 +34,7 @@ def test_bench_writes_json_table_and_plot(setup, temperature):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert list(result["summary"]) == ["ar", "prompt_lookup", "eagle", "dream"]
-    for name, entry in result["summary"].items():
+    for entry in result["summary"].values():
         assert entry["prompts"] == 3 and entry["new_tokens"] == 36
         assert entry["speedup_median"] > 0
         if temperature == 0:

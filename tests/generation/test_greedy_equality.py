@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import is_corrupted, oracle_drafter
+from conftest import check_stats, is_corrupted, oracle_drafter
 
 from hf_dream import DreamDraftModel
 
@@ -34,16 +34,6 @@ def expected_rounds(prompt_length, total_length, num_draft_tokens, eos_position=
         rounds.append((len(drafted), accepted))
         length += accepted + 1
     return rounds
-
-
-def check_stats(stats, prompt_length, output):
-    new_tokens = output.shape[1] - prompt_length
-    assert stats["new_tokens"] == new_tokens
-    assert stats["target_passes"] == len(stats["accepted_per_pass"])
-    assert stats["accepted_tokens"] == sum(stats["accepted_per_pass"])
-    assert stats["drafted_tokens"] == sum(stats["drafted_per_pass"])
-    assert sum(a + 1 for a in stats["accepted_per_pass"]) == new_tokens
-    assert stats["acceptance_length"] == pytest.approx(new_tokens / stats["target_passes"])
 
 
 def test_oracle_drafter_greedy_equality_and_stats(target, inputs):
@@ -89,6 +79,7 @@ def test_eos_inside_a_draft(target, inputs):
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7, 13])
 def test_max_new_tokens_inside_a_draft(max_new_tokens):
     from conftest import cached_target
+
     from hf_dream.testing import make_tiny_inputs
 
     target = cached_target("llava")

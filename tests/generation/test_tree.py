@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import cached_target
+from conftest import cached_target, check_stats, oracle_drafter
 from transformers import DynamicCache
 
 from hf_dream import DreamDraftModel
@@ -60,24 +60,11 @@ class TreeOracleDraftModel(DreamDraftModel):
 
 
 def tree_oracle(target, sequence: torch.Tensor, **overrides) -> TreeOracleDraftModel:
-    drafter = TreeOracleDraftModel(DreamDraftModel.config_for_target(target, **overrides))
-    drafter.attach_target(target)
-    drafter.oracle = sequence[0]
-    return drafter
+    return oracle_drafter(target, sequence, cls=TreeOracleDraftModel, **overrides)
 
 
 def generate_tree(target, inputs, drafter, **kwargs):
     return target.generate(**inputs, custom_generate=tree_generate, drafter=drafter, **{**TREE, **kwargs})
-
-
-def check_stats(stats, prompt_length, output):
-    new_tokens = output.shape[1] - prompt_length
-    assert stats["new_tokens"] == new_tokens
-    assert stats["target_passes"] == len(stats["accepted_per_pass"]) == len(stats["drafted_per_pass"]) + 1
-    assert stats["accepted_tokens"] == sum(stats["accepted_per_pass"])
-    assert stats["drafted_tokens"] == sum(stats["drafted_per_pass"])
-    assert sum(a + 1 for a in stats["accepted_per_pass"]) == new_tokens
-    assert stats["acceptance_length"] == pytest.approx(new_tokens / stats["target_passes"])
 
 
 # --- greedy ------------------------------------------------------------------------------------

@@ -90,6 +90,9 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
     trainer = DreamTrainer(
         model=drafter, teacher=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
+    if trainer.is_world_process_zero():
+        trainable = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
+        print(f"[hf-dream] training {trainable:,} drafter parameters on {training_args.world_size} process(es)")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_dataset is not None:
         trainer.evaluate()

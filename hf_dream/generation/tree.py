@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .candidate_generator import DreamCandidateGenerator
+from .tree_size import choose_tree_size, measure_draft_level_cost, measure_verification_costs
 
 DEFAULT_TREE_TOP_K = 4
 DEFAULT_TREE_DEPTH = 5
@@ -547,8 +548,10 @@ def _validate(model, input_ids, generation_config, drafter, top_k, depth, total)
             "DREAM tree decoding needs the default dynamic cache (use_cache=True), got "
             f"cache_implementation={generation_config.cache_implementation!r}."
         )
+    if total == "auto":
+        total = 1
     for name, value in (("tree_top_k", top_k), ("tree_depth", depth), ("tree_total_tokens", total)):
-        if int(value) < 1:
+        if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be >= 1, got {value}.")
     attention = str(getattr(model.config.get_text_config(), "_attn_implementation", None))
     if "flash" in attention:
@@ -618,7 +621,11 @@ def tree_generate(
         drafter (`DreamDraftModel`): the drafter (transformers drops `assistant_model` on this path).
         tree_top_k (`int`): children expanded per node, and frontier nodes expanded per level.
         tree_depth (`int`): longest drafted path (tokens after the last one).
-        tree_total_tokens (`int`): drafted nodes verified per target pass (the root comes on top).
+        tree_total_tokens (`int` or `"auto"`): drafted nodes verified per target pass (the root comes
+            on top). `"auto"` times target passes over 1..64 new tokens and a drafter step on this
+            machine once (cached) and picks the size, depth and top-k with the best expected
+            tokens per second (see `hf_dream.generation.tree_size`); the choice is in
+            `drafter.last_stats["tree_size"]`.
         tree_streamer: where the streamer arrives: transformers 5.24 does not pass `streamer` to a
             `custom_generate` callable, so `import hf_dream` makes `generate(streamer=...)` forward
             it here (it gets the prompt, every accepted token and `end()`).
@@ -674,6 +681,11 @@ def tree_generate(
     root_output = None if finished else state.catch_up(input_ids, outputs.hidden_states[last_layer], 0, outputs.hidden_states[0])
     del outputs
 
+    if tree_total_tokens == "auto" and not finished:
+        costs = measure_verification_costs(model, input_ids.shape[1])
+        size = choose_tree_size(costs, measure_draft_level_cost(state))
+        tree_top_k, tree_depth, tree_total_tokens = size.top_k, size.depth, size.total_tokens
+        stats["tree_size"] = {"top_k": size.top_k, "depth": size.depth, "total_tokens": size.total_tokens, "verification_seconds": costs}
     tree_drafter = TreeDrafter(state, logits_processor, eos_token_ids)
     while not finished:
         length = input_ids.shape[1]

@@ -315,3 +315,26 @@ def test_forgetting_the_residual_fails_the_same_test(sampling_setup, monkeypatch
     monkeypatch.setattr(tree_module, "residual_after_rejection", lambda probs, token: probs)
     tokens, _, _ = sample_tree_tokens(target, inputs, kwargs, drafter, SAMPLES)
     assert min(goodness_of_fit(tokens[:, 1], p2), goodness_of_fit(tokens[:, 2], p3)) < 1e-3
+
+
+# --- auto tree size --------------------------------------------------------------------------------
+def test_choose_tree_size_follows_the_verification_cost_curve():
+    from hf_dream.generation.tree_size import choose_tree_size
+
+    flat = {n: 0.010 for n in (1, 2, 4, 8, 16, 32, 64)}  # a GPU: verification is free up to 64 tokens
+    steep = {n: 0.010 * n for n in (1, 2, 4, 8, 16, 32, 64)}  # a slow CPU: cost grows with every token
+    assert choose_tree_size(flat, draft_level_cost=0.0005).total_tokens == 64
+    assert choose_tree_size(steep, draft_level_cost=0.0005).total_tokens == 1
+    mid = {1: 0.010, 2: 0.011, 4: 0.012, 8: 0.014, 16: 0.030, 32: 0.060, 64: 0.120}
+    size = choose_tree_size(mid, draft_level_cost=0.001)
+    assert size.total_tokens == 8 and 1 <= size.top_k <= 4 and size.depth >= 2
+
+
+def test_auto_tree_size_is_measured_and_lossless(target, inputs):
+    reference = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    drafter = tree_oracle(target, reference)
+    output = target.generate(**inputs, max_new_tokens=20, do_sample=False, custom_generate=tree_generate, drafter=drafter, tree_total_tokens="auto")
+    assert torch.equal(output, reference)
+    chosen = drafter.last_stats["tree_size"]
+    assert chosen["total_tokens"] in chosen["verification_seconds"]
+    assert all(seconds > 0 for seconds in chosen["verification_seconds"].values())

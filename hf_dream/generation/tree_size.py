@@ -1,0 +1,105 @@
+"""`tree_total_tokens="auto"`: size the draft tree from what verification costs on *this* machine.
+
+A verification pass over N tree nodes costs about as much as one decoding step while the
+hardware has idle compute (a GPU up to ~64 tokens, a CPU with bf16 matrix units up to ~16-64,
+a plain fp32 CPU only a few tokens). The best tree is therefore hardware-specific. We time
+target passes over N = 1, 2, 4, ... new tokens on a cached context and a drafter level, then
+pick the N that maximises the expected tokens per second under an acceptance model
+tau(N) = 1 + slope * log2(1 + N) (acceptance grows roughly logarithmically with tree size in
+EAGLE-2's measurements; slope ~0.8 for a well-trained drafter). Measurements are cached per
+(target, device, dtype, context length bucket), so only the first call pays (~1 s on a
+135M-parameter target on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_ACCEPTANCE_SLOPE = 0.8
+_COSTS: dict[tuple, dict[int, float]] = {}
+
+
+@dataclass(frozen=True)
+class TreeSize:
+    top_k: int
+    depth: int
+    total_tokens: int
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_verification_costs(model, context_length: int, sizes=CANDIDATE_SIZES, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of a target pass over `n` new tokens after a cached `context_length`-token
+    text context, for each `n` in `sizes` (cached per target, device, dtype and context bucket)."""
+    bucket = 1 << max(6, math.ceil(math.log2(max(context_length, 1))))
+    device = model.get_input_embeddings().weight.device
+    key = (id(model), str(device), str(model.dtype), bucket, tuple(sizes))
+    if key in _COSTS:
+        return _COSTS[key]
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    # ordinary text ids (ids near the top of the vocabulary are often special: image placeholders)
+    context = torch.randint(10, vocab // 2, (1, bucket), generator=generator).to(device)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=context, cache=cache, use_cache=True)
+        costs = {}
+        for size in sizes:
+            new = torch.randint(10, vocab // 2, (1, size), generator=generator).to(device)
+
+            def step(new=new, size=size):
+                model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=size)
+                cache.crop(-size)
+
+            step()  # warm-up of this shape
+            costs[size] = _timed(step, repeats)
+    _COSTS[key] = costs
+    return costs
+
+
+def choose_tree_size(
+    verification_costs: dict[int, float], draft_level_cost: float, slope: float = DEFAULT_ACCEPTANCE_SLOPE
+) -> TreeSize:
+    """The tree maximising expected tokens per second: tau(N) / (verify(N) + depth(N) * draft level).
+
+    `draft_level_cost` is the seconds of one batched drafter level (one drafter forward over the
+    frontier). N = 1 means "no tree": one drafted token, i.e. a chain step."""
+    best, best_rate = None, -1.0
+    for total, verify in sorted(verification_costs.items()):
+        depth = max(1, min(8, round(math.log2(total)) + 1))
+        expected_tokens = 1.0 + slope * math.log2(1 + total)
+        rate = expected_tokens / (verify + depth * draft_level_cost)
+        if rate > best_rate:
+            best, best_rate = TreeSize(top_k=max(1, min(4, total)), depth=min(depth, total), total_tokens=total), rate
+    return best
+
+
+def measure_draft_level_cost(state, repeats: int = 3) -> float:
+    """Median seconds of one drafter forward of one token on the drafter's current (verified)
+    cache and feature memory: about the cost of expanding one tree level (a level batches its
+    few frontier rows into one forward, which on these sizes costs about the same)."""
+    drafter = state.drafter
+    embeds = torch.zeros(1, 1, drafter.config.hidden_size, dtype=drafter.dtype, device=drafter.device)
+    positions = torch.full((1, 1), state.draft_positions, device=drafter.device)
+
+    def level():
+        with torch.no_grad():
+            drafter(embeds, positions, memory=state.memory, cache=state.cache)
+        state.cache.crop(-1)
+
+    level()
+    return _timed(level, repeats)

@@ -131,7 +131,8 @@ class TargetAdapter:
         key = (rows.data_ptr(), rows.numel(), self.lm_head.weight.data_ptr(), self.lm_head.weight.dtype)
         if getattr(self, "_rows_key", None) != key:
             bias = getattr(self.lm_head, "bias", None)
-            self._rows = (self.lm_head.weight[rows], None if bias is None else bias[rows])
+            # detached: the lm_head is the target's, frozen; a cached slice must not carry a graph
+            self._rows = (self.lm_head.weight[rows].detach(), None if bias is None else bias[rows].detach())
             self._rows_key = key
         return self._rows
 

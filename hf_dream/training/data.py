@@ -125,7 +125,8 @@ def regenerate_batch(model, encoded: list[dict], max_new_tokens: int, pad_token_
         cut = next((i for i, token in enumerate(response) if token in eos), None)
         response = response if cut is None else response[: cut + 1]
         prompt = sample["input_ids"].reshape(-1).tolist()
-        row = {key: torch.as_tensor(value).tolist() for key, value in sample.items() if key not in SEQUENCE_KEYS}
+        # numpy arrays keep the processor's dtype (float32) in the Arrow schema; lists would become float64
+        row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
         row["input_ids"] = prompt + response
         row["prompt_length"] = len(prompt)
         if "token_type_ids" in sample:

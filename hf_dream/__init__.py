@@ -8,7 +8,7 @@ the generate() hook, so that `target.generate(**inputs, assistant_model=drafter)
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dream import DreamConfig
-from .generation import DreamCandidateGenerator, install, tree_generate
+from .generation import DreamCandidateGenerator, batched_generate, install, tree_generate
 from .modeling_dream import DreamDraftModel, DreamDraftOutput, DreamFeatureMemory
 from .targets import TARGET_ADAPTERS, TargetAdapter, get_target_adapter, register_target_adapter, supported_families
 
@@ -30,4 +30,5 @@ __all__ = [
     "register_target_adapter",
     "supported_families",
     "tree_generate",
+    "batched_generate",
 ]

@@ -195,6 +195,7 @@ class DreamDraftModel(DreamPreTrainedModel):
             self.draft_vocab = None
         self.target_adapter: TargetAdapter | None = None
         self.last_stats: dict | None = None
+        self.batch_rows: list[int] | None = None  # set during batched decoding (see BatchedDrafter)
         self.post_init()
 
     # --- target ----------------------------------------------------------------------------
@@ -361,6 +362,11 @@ class DreamDraftModel(DreamPreTrainedModel):
         mask = mask[None, None].expand(batch, 1, length, total)
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, -total:].bool()
+            # Every query may see its own key: a padded query would otherwise see no key at all,
+            # and its NaN output would reach real queries through the cache (0 * NaN = NaN).
+            # Real queries are unaffected (their own key is real and causal anyway).
+            own = torch.arange(length, device=device)
+            mask[:, :, own, past + own] = True  # `mask` is a fresh tensor here (the `&` above)
         return mask
 
     # --- loading ---------------------------------------------------------------------------

@@ -62,7 +62,9 @@ token-for-token for all five families (checked in tests/test_testing.py).
 
 Helpers: :func:`image_token_counts` (placeholders per row in ``input_ids``),
 :func:`image_feature_counts` (feature vectors per row from the model's own
-``get_image_features``), :func:`tiny_inputs_row` (one row of a batch, unpadded).
+``get_image_features``), :func:`tiny_inputs_row` (one row of a batch, unpadded),
+:func:`stack_tiny_inputs` (single-prompt inputs, possibly with different numbers of
+images, batched and left padded).
 
 CPU note: these models are so small that torch's intra-op thread pool
 dominates when cores are busy (~100 ms/forward with 2 threads on a loaded
@@ -159,7 +161,6 @@ import dataclasses
 from typing import Any
 
 import torch
-
 import transformers
 from transformers import (
     CLIPVisionConfig,
@@ -187,6 +188,7 @@ __all__ = [
     "image_token_counts",
     "image_feature_counts",
     "tiny_inputs_row",
+    "stack_tiny_inputs",
 ]
 
 SUPPORTED_TINY_FAMILIES = ("llava", "llava_next", "pixtral", "idefics3", "gemma3")
@@ -646,6 +648,49 @@ def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
             if "image_sizes" in inputs:
                 out["image_sizes"] = inputs["image_sizes"][row * n : (row + 1) * n]
     return out
+
+
+def stack_tiny_inputs(model, rows: list[dict]) -> dict:
+    """Batch single-prompt inputs (batch size 1 each, e.g. from :func:`make_tiny_inputs` or
+    :func:`tiny_inputs_row`), LEFT padded, as a processor would batch them for each family.
+
+    Rows may hold different numbers of images: idefics3 pads its per-row image dim with
+    all-zero images (which the model drops), llava_next pads the tile dim; the other families
+    list the images of all rows in order.
+    """
+    spec = _spec_of(model)
+    width = max(row["input_ids"].shape[1] for row in rows)
+    input_ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, row in enumerate(rows):
+        length = row["input_ids"].shape[1]
+        input_ids[index, width - length :] = row["input_ids"][0]
+        attention_mask[index, width - length :] = row["attention_mask"][0]
+    batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if spec.family == "gemma3":
+        batch["token_type_ids"] = (input_ids == spec.image_token_id).long()
+    pixels = [row["pixel_values"] for row in rows if "pixel_values" in row]
+    if not pixels:
+        return batch
+    if len(pixels) != len(rows):
+        raise ValueError("stack_tiny_inputs: either every row has images or none does")
+    if spec.family == "idefics3":
+        most = max(p.shape[1] for p in pixels)
+        batch["pixel_values"] = torch.cat(
+            [torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1) for p in pixels]
+        )
+        batch["pixel_attention_mask"] = torch.ones(len(rows), most, *pixels[0].shape[-2:], dtype=torch.bool)
+    elif spec.family == "llava_next":
+        tiles = max(p.shape[1] for p in pixels)
+        batch["pixel_values"] = torch.cat(
+            [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], 1) for p in pixels]
+        )
+        batch["image_sizes"] = torch.cat([row["image_sizes"] for row in rows])
+    else:
+        batch["pixel_values"] = torch.cat(pixels)
+        if spec.family == "pixtral":
+            batch["image_sizes"] = torch.cat([row["image_sizes"] for row in rows])
+    return batch
 
 
 @torch.no_grad()

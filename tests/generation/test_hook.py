@@ -45,11 +45,31 @@ def test_unsupported_modes_fail_before_any_work(llava, no_target_forward, kwargs
         target.generate(**inputs, max_new_tokens=5, assistant_model=drafter, **kwargs)
 
 
-def test_batch_larger_than_one_fails_before_any_work(no_target_forward):
+def test_batch_larger_than_one_goes_to_batched_decoding():
+    """transformers' assisted loop takes one sequence: a batch with a DREAM drafter is routed to
+    `batched_generate` (the same result as plain batched greedy decoding)."""
     target = cached_target("llava")
     inputs = make_tiny_inputs(target, batch_size=2)
-    with pytest.raises(ValueError, match="batch size 1"):
-        target.generate(**inputs, max_new_tokens=5, assistant_model=DreamDraftModel.from_target(target))
+    drafter = DreamDraftModel.from_target(target)
+    output = target.generate(**inputs, max_new_tokens=5, do_sample=False, assistant_model=drafter)
+    assert torch.equal(output, target.generate(**inputs, max_new_tokens=5, do_sample=False))
+    assert drafter.last_stats["batch_size"] == 2 and len(drafter.last_stats["rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_beams=2), "num_beams=1"),
+        (dict(prompt_lookup_num_tokens=3), "prompt_lookup"),
+        (dict(cache_implementation="static"), "dynamic cache"),
+    ],
+)
+def test_unsupported_modes_with_a_batch_fail_before_any_work(no_target_forward, kwargs, message):
+    target = cached_target("llava")
+    inputs = make_tiny_inputs(target, batch_size=2)
+    drafter = DreamDraftModel.from_target(target)
+    with pytest.raises(ValueError, match=message):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=drafter, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
 from .candidate_generator import new_stats
 from .tree import _prefill, check_compactable
+from .validation import check_custom_masks, check_dream_call
 
 # Processors whose output for a row depends on that row's scores only, never on its prefix or
 # its length: they can run once over every (row, position) of a round.
@@ -620,32 +621,13 @@ def _record_pass(stats: dict, rows: list[int], drafted: list[int], accepted: lis
 # generate()
 # ---------------------------------------------------------------------------------------------
 def _validate(model, input_ids, generation_config, drafter) -> None:
-    from ..modeling_dream import DreamDraftModel
-
-    if not isinstance(drafter, DreamDraftModel):
-        raise ValueError(
-            "Batched DREAM decoding needs a DREAM drafter: `target.generate(..., assistant_model=drafter)` or "
-            f"`custom_generate=batched_generate, drafter=drafter` (got drafter={type(drafter).__name__})."
-        )
-    if generation_config.num_beams != 1 or generation_config.num_return_sequences not in (None, 1):
-        raise ValueError("DREAM decoding supports greedy decoding and sampling (num_beams=1, num_return_sequences=1).")
+    check_dream_call(
+        model, drafter, generation_config,
+        usage="`target.generate(..., assistant_model=drafter)` or `custom_generate=batched_generate, drafter=drafter`",
+    )
     if input_ids.shape[1] == 0:
         raise ValueError("Batched DREAM decoding needs `input_ids` (prompts given only as `inputs_embeds` are not supported).")
-    if generation_config.cache_implementation not in (None, "dynamic") or generation_config.use_cache is False:
-        raise ValueError(
-            "DREAM decoding needs the default dynamic cache (use_cache=True), got "
-            f"cache_implementation={generation_config.cache_implementation!r}."
-        )
-    attention = str(getattr(model.config.get_text_config(), "_attn_implementation", None))
-    if "flash" in attention:
-        raise ValueError(
-            f"Batched DREAM verification masks rejected cache entries through a 2-D attention mask with holes; "
-            f"it is verified with sdpa and eager attention, not {attention}."
-        )
-    drafter.attach_target(model)  # model type / hidden size / vocab checks
-    target_device = model.get_input_embeddings().weight.device
-    if drafter.device != target_device:
-        raise ValueError(f"The DREAM drafter is on {drafter.device} but the target's embeddings are on {target_device}.")
+    check_custom_masks(model, "Batched DREAM verification masks rejected cache entries through a 2-D attention mask with holes")
 
 
 class _Streamer:

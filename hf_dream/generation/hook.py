@@ -20,6 +20,7 @@ from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 
 from .candidate_generator import DreamCandidateGenerator
+from .validation import check_dream_call
 
 _ORIGINALS: dict[str, object] = {}
 
@@ -42,20 +43,7 @@ def validate_dream_generation(target, drafter, generation_mode, generation_confi
             f"A DREAM drafter supports greedy decoding and sampling (num_beams=1), but this call resolves to "
             f"'{generation_mode}'. Remove `assistant_model` or set num_beams=1 and no constraints."
         )
-    if generation_config.prompt_lookup_num_tokens is not None:
-        raise ValueError("`prompt_lookup_num_tokens` and a DREAM `assistant_model` are mutually exclusive.")
-    if generation_config.cache_implementation not in (None, "dynamic"):
-        raise ValueError(
-            f"DREAM decoding needs the default dynamic cache, got cache_implementation="
-            f"{generation_config.cache_implementation!r}."
-        )
-    drafter.attach_target(target)  # model type / hidden size / vocab checks
-    target_device, drafter_device = target.get_input_embeddings().weight.device, drafter.device
-    if target_device != drafter_device:
-        raise ValueError(
-            f"The DREAM drafter is on {drafter_device} but the target's embeddings are on {target_device}; "
-            f"move it with `drafter.to({str(target_device)!r})`."
-        )
+    check_dream_call(target, drafter, generation_config, usage="`target.generate(..., assistant_model=drafter)`")
 
 
 def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):

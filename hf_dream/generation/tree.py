@@ -41,6 +41,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .candidate_generator import DreamCandidateGenerator
 from .tree_size import choose_tree_size, measure_draft_level_cost, measure_verification_costs
+from .validation import check_custom_masks, check_dream_call
 
 DEFAULT_TREE_TOP_K = 4
 DEFAULT_TREE_DEPTH = 5
@@ -531,35 +532,15 @@ def cut_new_tokens(tokens: list[int], budget: int, eos_token_ids) -> list[int]:
 # generate()
 # ---------------------------------------------------------------------------------------------
 def _validate(model, input_ids, generation_config, drafter, top_k, depth, total) -> None:
-    from ..modeling_dream import DreamDraftModel
-
-    if not isinstance(drafter, DreamDraftModel):
-        raise ValueError(
-            "Tree decoding needs a DREAM drafter: `target.generate(..., custom_generate=tree_generate, drafter=drafter)` "
-            f"(got drafter={type(drafter).__name__})."
-        )
-    # beams / return sequences first: generate() has already expanded the batch for them
-    if generation_config.num_beams != 1 or generation_config.num_return_sequences not in (None, 1):
-        raise ValueError("DREAM tree decoding supports greedy decoding and sampling (num_beams=1, num_return_sequences=1).")
+    check_dream_call(model, drafter, generation_config, usage="`target.generate(..., custom_generate=tree_generate, drafter=drafter)`")
     if input_ids.shape[0] != 1:
         raise ValueError(f"DREAM tree decoding supports batch size 1 for now, got {input_ids.shape[0]}.")
-    if generation_config.cache_implementation not in (None, "dynamic") or generation_config.use_cache is False:
-        raise ValueError(
-            "DREAM tree decoding needs the default dynamic cache (use_cache=True), got "
-            f"cache_implementation={generation_config.cache_implementation!r}."
-        )
     if total == "auto":
         total = 1
     for name, value in (("tree_top_k", top_k), ("tree_depth", depth), ("tree_total_tokens", total)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be >= 1, got {value}.")
-    attention = str(getattr(model.config.get_text_config(), "_attn_implementation", None))
-    if "flash" in attention:
-        raise ValueError(f"Tree verification passes a custom 4-D attention mask, which {attention} does not take; use sdpa or eager.")
-    drafter.attach_target(model)  # model type / hidden size / vocab checks
-    target_device = model.get_input_embeddings().weight.device
-    if drafter.device != target_device:
-        raise ValueError(f"The DREAM drafter is on {drafter.device} but the target's embeddings are on {target_device}.")
+    check_custom_masks(model, "Tree verification passes a custom 4-D attention mask")
 
 
 def _prefill(model, input_ids, model_kwargs, hidden_layers):

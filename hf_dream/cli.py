@@ -209,9 +209,13 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tree-top-k", type=int, help="tree methods: children per expanded node")
     parser.add_argument("--tree-depth", type=int, help="tree methods: draft depth")
-    parser.add_argument("--tree-total-tokens", type=int, help="tree methods: nodes verified per pass")
+    parser.add_argument("--tree-total-tokens", type=_int_or_auto, help="tree methods: nodes verified per pass, or 'auto' (sized from measured verification cost)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up call per method")
     parser.add_argument("--out", default="results.json", help="result JSON; the .md table and .png plot go beside it (default: results.json)")
+
+
+def _int_or_auto(value: str):
+    return value if value == "auto" else int(value)
 
 
 def _load_drafters(specs: list[str], target, dtype) -> dict:

@@ -49,55 +49,94 @@ def _load_config(path: str) -> dict:
 
 
 # --- demo ----------------------------------------------------------------------------------
+REFERENCE_DEMO = {
+    "target": "smolvlm-ref",
+    "drafter": "model_cards/dream-smolvlm-ref",  # relative to the repository checkout
+    "image": "chelsea",  # a photo bundled with scikit-image, never seen in training
+    "prompt": "Describe this image in detail.",
+}
+
+
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
     from .testing import SUPPORTED_TINY_FAMILIES
 
-    parser.add_argument("--family", default="llava", choices=SUPPORTED_TINY_FAMILIES, help="tiny target family (default: llava)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default: 48)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny target and its prompt (default: 0)")
+    parser.add_argument(
+        "--tiny", choices=SUPPORTED_TINY_FAMILIES,
+        help="run on a tiny random target of this family (untrained drafter) instead of the reference target and its trained drafter",
+    )
+    parser.add_argument("--prompt", default=REFERENCE_DEMO["prompt"], help="reference demo: the user prompt")
+    parser.add_argument("--image", help="reference demo: an image file (default: a photo bundled with scikit-image)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="tiny demo: seed of the target and its prompt (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _demo_inputs(args: argparse.Namespace):
+    """(target, drafter, inputs, decode, description) for the demo."""
+    import torch
+
+    from . import DreamDraftModel
+
+    if args.tiny:
+        from .testing import build_tiny_target, make_tiny_inputs
+
+        torch.set_num_threads(1)  # tiny models: thread overhead dominates
+        target = build_tiny_target(args.tiny, seed=args.seed)
+        description = {
+            "target": f"tiny random {args.tiny} ({sum(p.numel() for p in target.parameters()):,} parameters)",
+            "drafter": "untrained DREAM drafter (DreamDraftModel.from_target): rarely right, the output is still exactly the target's",
+        }
+        return target, DreamDraftModel.from_target(target), make_tiny_inputs(target, seed=args.seed), None, description
+
+    from PIL import Image
+
+    from .reference import build_prompt_inputs, load_reference_target
+
+    folder = Path(__file__).resolve().parents[1] / REFERENCE_DEMO["drafter"]
+    if not (folder / "model.safetensors").exists():
+        raise SystemExit(f"hf-dream demo: the reference drafter is not at {folder} (run from a checkout, or use --tiny FAMILY)")
+    target, processor = load_reference_target(REFERENCE_DEMO["target"])
+    drafter = DreamDraftModel.from_pretrained(folder).to(target.dtype)
+    if args.image:
+        image = Image.open(args.image).convert("RGB")
+    else:
+        import skimage.data
+
+        image = Image.fromarray(getattr(skimage.data, REFERENCE_DEMO["image"])())
+    inputs = build_prompt_inputs(processor, image, args.prompt)
+    description = {"target": f"reference:{REFERENCE_DEMO['target']}", "drafter": str(folder.relative_to(folder.parents[1])), "prompt": args.prompt}
+    return target, drafter, inputs, lambda ids: processor.decode(ids, skip_special_tokens=True), description
 
 
 @command("demo", _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
-    """Generate on a tiny offline target with and without a DREAM drafter and compare."""
+    """Generate with and without a DREAM drafter on the offline reference VLM (or a tiny one) and compare."""
     import torch
 
-    from . import DreamDraftModel
-    from .testing import build_tiny_target, make_tiny_inputs
-
-    torch.set_num_threads(1)  # tiny models: thread overhead dominates
-    target = build_tiny_target(args.family, seed=args.seed)
-    inputs = make_tiny_inputs(target, seed=args.seed)
-    drafter = DreamDraftModel.from_target(target)
+    target, drafter, inputs, decode, result = _demo_inputs(args)
     prompt_length = inputs["input_ids"].shape[1]
-
-    start = time.perf_counter()
-    plain = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    plain_s = time.perf_counter() - start
-    start = time.perf_counter()
-    dream = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, assistant_model=drafter)
-    dream_s = time.perf_counter() - start
-    identical = torch.equal(plain, dream)
-    stats = {k: v for k, v in drafter.last_stats.items() if not isinstance(v, list)}
-    result = {
-        "target": f"tiny random {args.family} ({sum(p.numel() for p in target.parameters()):,} parameters)",
-        "drafter": "untrained DREAM drafter (DreamDraftModel.from_target)",
-        "plain_tokens": plain[0, prompt_length:].tolist(),
-        "dream_tokens": dream[0, prompt_length:].tolist(),
-        "identical": identical,
-        "stats": stats,
-        "seconds": {"plain": round(plain_s, 3), "dream": round(dream_s, 3)},
-    }
+    timings, outputs = {}, {}
+    for name, extra in (("plain", {}), ("dream", {"assistant_model": drafter})):
+        start = time.perf_counter()
+        outputs[name] = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)
+        timings[name] = round(time.perf_counter() - start, 3)
+    identical = torch.equal(outputs["plain"], outputs["dream"])
+    stats = {k: v for k, v in drafter.last_stats.items() if not isinstance(v, (list, dict))}
+    for name, output in outputs.items():
+        tokens = output[0, prompt_length:]
+        result[f"{name}_answer"] = decode(tokens) if decode else tokens.tolist()
+    result.update(identical=identical, stats=stats, seconds=timings)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"target : {result['target']}\ndrafter: {result['drafter']}")
-        print(f"plain generate : {result['plain_tokens']}")
-        print(f"with drafter   : {result['dream_tokens']}")
+        for key in ("target", "drafter", "prompt"):
+            if key in result:
+                print(f"{key:<15}: {result[key]}")
+        print(f"plain generate : {result['plain_answer']!r}  ({timings['plain']}s)")
+        print(f"with drafter   : {result['dream_answer']!r}  ({timings['dream']}s)")
         print(f"identical      : {identical}")
         print("stats          : " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
-        print("(an untrained drafter is rarely right: the output is still exactly the target's)")
+        print("(one timing on a busy machine is noise: `hf-dream bench` measures speedups properly)")
     return 0 if identical else 1
 
 

@@ -10,10 +10,10 @@ from hf_dream.cli import COMMANDS, build_parser, main
 
 
 def test_demo_reports_identical_output_and_stats(capsys):
-    assert main(["demo", "--family", "gemma3", "--max-new-tokens", "16", "--json"]) == 0
+    assert main(["demo", "--tiny", "gemma3", "--max-new-tokens", "16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["identical"] is True
-    assert result["plain_tokens"] == result["dream_tokens"] and len(result["plain_tokens"]) == 16
+    assert result["plain_answer"] == result["dream_answer"] and len(result["plain_answer"]) == 16
     assert result["stats"]["new_tokens"] == 16 and result["stats"]["target_passes"] >= 1
 
 

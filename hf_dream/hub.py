@@ -460,7 +460,11 @@ def render_card(drafter_dir: str | Path, benchmark_jsons: Iterable[str | Path | 
     record = read_target_record(folder)
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else None
 
-    target = extra.pop("base_model", None) or config.target_name_or_path or (record or {}).get("repo_id")
+    base_model = extra.pop("base_model", None)
+    # An offline reference target (`reference:<name>`) is what the drafter runs with; the Hub
+    # metadata then names its public backbone (`base_model`), the card's text names the target.
+    reference = (config.target_name_or_path or "").startswith("reference:")
+    target = (config.target_name_or_path if reference else None) or base_model or config.target_name_or_path or (record or {}).get("repo_id")
     repo_id = extra.pop("repo_id", None) or f"hf-dream/{folder.resolve().name}"
     license_id = extra.pop("license", None) or (record or {}).get("license")
     parameters = drafter_parameter_count(config)
@@ -507,7 +511,7 @@ def render_card(drafter_dir: str | Path, benchmark_jsons: Iterable[str | Path | 
     sources += [p.name for p in weights] + (["benchmark JSON"] if results else [])
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        base_model=target if _is_repo_id(target) else None,
+        base_model=base_model if reference and base_model else (target if _is_repo_id(target) else None),
         pipeline_tag=PIPELINE_TAG,
         tags=tags,
         license=license_id,
@@ -519,6 +523,7 @@ def render_card(drafter_dir: str | Path, benchmark_jsons: Iterable[str | Path | 
         "title": f"DREAM drafter for {target}",
         "status": status,
         "target": target,
+        "reference_target": target.split(":", 1)[1] if reference else None,
         "target_url": f"https://huggingface.co/{target}" if _is_repo_id(target) else "#",
         "target_family": family,
         "repo_id": repo_id,

@@ -202,6 +202,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.all_layers:
         layers = list(range(1, target.config.get_text_config().num_hidden_layers))
     result = calibrate_layers(target, load_prepared(args.dataset), layers, args.num_samples, args.batch_size)
+    result.update(target=args.target, command="hf-dream " + shlex.join(args.argv), date=time.strftime("%Y-%m-%d"))
     paths = write_calibration_report(result, args.out)
     print(paths["markdown"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")

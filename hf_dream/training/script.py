@@ -39,7 +39,7 @@ class DreamScriptArguments:
     num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round."})
     draft_vocab_size: int | None = field(
         default=None,
-        metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style)."},
+        metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style); 0 or unset: the full vocabulary."},
     )
     target_dtype: str | None = field(default=None, metadata={"help": "Load the target in this dtype (e.g. bfloat16)."})
     save_drafter_to: str | None = field(
@@ -79,7 +79,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             fusion=script_args.fusion,
             visual_keep_ratio=script_args.visual_keep_ratio,
             num_draft_tokens=script_args.num_draft_tokens,
-            draft_vocab_size=script_args.draft_vocab_size,
+            draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary
             target_name_or_path=script_args.target,
         )
         if script_args.draft_vocab_size:

@@ -121,7 +121,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
 
     from . import _module, easy_vqa, load_reference_target
 

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (
-    MissingReferenceAsset,
     drop_gguf_quantizer,
     load_gguf_causal_lm,
     package_file,
@@ -638,7 +637,7 @@ def train_vision(
             probe_correct.append((probe_pred == attribute_labels)[known].float().mean().item() if known.any() else 0.0)
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
                 window = settings.log_every
-                mean = lambda xs: sum(xs[-window:]) / len(xs[-window:])  # noqa: E731
+                mean = lambda xs, w=window: sum(xs[-w:]) / len(xs[-w:])  # noqa: E731
                 msg = (f"step {step + 1}/{settings.steps} loss {mean(losses):.4f} first-token acc {mean(correct):.3f} "
                        f"probe acc {mean(probe_correct):.3f}")
                 bar.set_postfix_str(msg.split(" ", 2)[2])

@@ -29,11 +29,13 @@ class AttentionInputRecorder:
         self._handles = []
 
     def start(self) -> AttentionInputRecorder:
+        """Register a forward pre-hook on every module; returns `self`. Each forward overwrites `inputs[key]`."""
         for key, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(key), with_kwargs=True))
         return self
 
     def stop(self) -> None:
+        """Remove the hooks (the recorded `inputs` are kept)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

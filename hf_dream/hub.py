@@ -749,9 +749,11 @@ class PushResult:
 
     @property
     def total_bytes(self) -> int:
+        """Total size of `files` in bytes."""
         return sum(f["size"] for f in self.files)
 
     def describe(self) -> str:
+        """A human-readable summary for the command line: one line per file, then notes and the commit URL."""
         verb = "would upload" if self.dry_run else "uploaded"
         lines = [f"{verb} {len(self.files)} files ({self.total_bytes:,} bytes) from {self.folder} to {self.repo_id}:"]
         lines += [f"  {f['size']:>14,}  {f['path']}" for f in self.files]

@@ -79,6 +79,7 @@ class DreamFeatureMemory:
         return 0 if self.features is None else self.features.shape[1]
 
     def append(self, features: torch.Tensor) -> None:
+        """Add `features (batch, n, hidden)` for the next n positions, projecting their keys/values (cross fusion)."""
         features = features.to(self.model.dtype)
         self.features = features if self.features is None else torch.cat([self.features, features], dim=1)
         if self.model.cross_block is not None:
@@ -87,6 +88,7 @@ class DreamFeatureMemory:
             self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
 
     def crop(self, length: int) -> None:
+        """Keep only the first `length` positions (drops speculative entries); no-op if already that short."""
         if self.features is None or length >= len(self):
             return
         self.features = self.features[:, :length]
@@ -112,6 +114,10 @@ class DreamCrossAttention(nn.Module):
         self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def project_memory(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(keys, values)`, each `(batch, kv_heads, n, head_dim)`, of `features (batch, n, hidden)`; keys RMS-normed.
+
+        Computed once per position when features enter a [`DreamFeatureMemory`], not at every draft step.
+        """
         batch, length, _ = features.shape
         keys = self.k_norm(self.k_proj(features).view(batch, length, -1, self.head_dim)).transpose(1, 2)
         values = self.v_proj(features).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -151,6 +157,8 @@ class DreamCrossAttentionBlock(nn.Module):
 
 
 class DreamPreTrainedModel(PreTrainedModel):
+    """Base class of DREAM drafters: config class, weight initialisation (cross-attention gates start at 0)."""
+
     config_class = DreamConfig
     base_model_prefix = "dream"
     _no_split_modules = ["LlamaDecoderLayer", "DreamCrossAttentionBlock"]
@@ -271,6 +279,7 @@ class DreamDraftModel(DreamPreTrainedModel):
 
     # --- forward ---------------------------------------------------------------------------
     def new_memory(self, target_features: torch.Tensor | None = None) -> DreamFeatureMemory:
+        """An empty [`DreamFeatureMemory`] for this drafter, or one holding `target_features` if given."""
         memory = DreamFeatureMemory(self)
         if target_features is not None:
             memory.append(target_features)

@@ -28,6 +28,7 @@ def register_target_adapter(cls: type[TargetAdapter]) -> type[TargetAdapter]:
 
 
 def supported_families() -> list[str]:
+    """Sorted names of the model families that have a registered target adapter."""
     return sorted({cls.family for classes in TARGET_ADAPTERS.values() for cls in classes})
 
 
@@ -63,6 +64,7 @@ class TargetAdapter:
 
     @classmethod
     def matches(cls, config) -> bool:
+        """Whether this adapter handles `config` (one of its `model_types`); a more specific adapter narrows it down."""
         return True
 
     # --- structure -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Method:
     options: dict = field(default_factory=dict)
 
     def generate_kwargs(self) -> dict:
+        """Extra `generate()` keyword arguments that select this method (empty for `ar`)."""
         if self.kind == "prompt_lookup":
             return {"prompt_lookup_num_tokens": self.options.get("prompt_lookup_num_tokens", 10)}
         if self.kind == "chain":
@@ -147,6 +148,11 @@ def _memory_overheads(target, methods: list[Method]) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: float) -> dict:
+    """Per-method totals, acceptance length, median/min/max speedup over `ar` and peak memory.
+
+    Speedups are per-prompt ratios to the `ar` run of the same prompt; at temperature 0 each method's
+    tokens are also compared with `ar` (`identical_to_ar`, `mismatched_prompts`).
+    """
     baseline = runs["ar"]
     summary = {}
     for method in methods:
@@ -173,6 +179,7 @@ def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: f
 
 
 def machine_description() -> dict:
+    """Platform, Python/torch/transformers versions, CPU/GPU model and thread count, recorded with results."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     import transformers
 
@@ -197,4 +204,5 @@ def correctness_failures(result: dict) -> list[str]:
 
 
 def format_speedup(value: float | None) -> str:
+    """A speedup as `1.23x` for tables; `-` when missing or NaN."""
     return "-" if value is None or math.isnan(value) else f"{value:.2f}x"

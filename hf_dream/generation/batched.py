@@ -140,6 +140,7 @@ class RowStopper:
         self.others = StoppingCriteriaList(others) if others else None
 
     def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of `tokens` (any shape) that are EOS ids; all False when there are none."""
         if self.eos_tensor is None:
             return torch.zeros_like(tokens, dtype=torch.bool)
         return torch.isin(tokens, self.eos_tensor.to(tokens.device))
@@ -320,6 +321,7 @@ class BatchedFeatureMemory:
             self.values.scatter_(2, kv_slots, values.to(self.values.dtype))
 
     def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows` of the features and their cross-attention keys/values (finished rows leave the batch)."""
         if self.features is None:
             return
         rows = rows.to(self.features.device)
@@ -496,6 +498,7 @@ class BatchedDrafter:
         return output
 
     def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows` (finished rows leave the batch): row ids, KV cache, feature memory and draft lengths."""
         self.rows = [self.rows[i] for i in rows.tolist()]
         self.drafter.batch_rows = self.rows
         self.cache.select_rows(rows)

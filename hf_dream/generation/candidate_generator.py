@@ -18,6 +18,7 @@ from ..features import AttentionInputRecorder, attention_received, select_visual
 
 
 def new_stats() -> dict:
+    """A zeroed decoding-statistics dict (passes, drafted/accepted tokens, visual tokens), as kept in `last_stats`."""
     return {
         "target_passes": 0,
         "drafted_tokens": 0,

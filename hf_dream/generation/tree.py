@@ -105,6 +105,7 @@ class DraftTree:
         return self.tokens[path]
 
     def child_with_token(self, node: int, token: int) -> int | None:
+        """The child of `node` that drafted `token`, or None: where a greedy walk goes after the target picks `token`."""
         for child in self.children[node]:
             if int(self.tokens[child]) == token:
                 return child

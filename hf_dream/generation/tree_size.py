@@ -28,6 +28,8 @@ _COSTS: dict[tuple, dict[int, float]] = {}
 
 @dataclass(frozen=True)
 class TreeSize:
+    """A draft-tree shape: children per expanded node (`top_k`), `depth`, and nodes verified per pass (`total_tokens`)."""
+
     top_k: int
     depth: int
     total_tokens: int

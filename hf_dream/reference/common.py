@@ -147,6 +147,7 @@ def git_revision(repo: Path) -> str | None:
 
 
 def now_iso() -> str:
+    """The current UTC time as ISO 8601 to the second, for the `date` of recorded results."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -45,6 +45,8 @@ _WORD = re.compile(r"[a-z]+")
 
 @dataclasses.dataclass(frozen=True)
 class VQAExample:
+    """One easy-VQA question with its one-word answer and the id of its image."""
+
     question: str
     answer: str
     image_id: int

@@ -145,6 +145,7 @@ def build_processor(tokenizer, spec: VisionSpec = DEFAULT_SPEC):
 
 # --- model -----------------------------------------------------------------------------------
 def gemma3_config(text_config, tokenizer, spec: VisionSpec = DEFAULT_SPEC):
+    """The `Gemma3Config` around `text_config`: a small SigLIP tower and 16 image tokens per image."""
     from transformers import Gemma3Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -229,6 +230,7 @@ def load_trained_state_dict(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_trained_weights(model, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the trained part (safetensors, fp32: a few MB) atomically."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +241,7 @@ def save_trained_weights(model, path: Path, metadata: dict[str, str] | None = No
 
 
 def read_trained_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a trained-weights file; a clear error naming the retrain command if it is missing."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -447,6 +450,7 @@ def build(
 
 
 def cached_build_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The build record of the cached model, or None when there is no complete build."""
     info = reference_cache_dir(NAME, cache_dir) / BUILD_INFO
     return json.loads(info.read_text()) if info.is_file() else None
 

@@ -116,6 +116,7 @@ class VisionSpec:
         return (self.image_size // self.patch_size) ** 2 // self.scale_factor**2
 
     def vision_config(self):
+        """The `Idefics3VisionConfig` of these sizes (built on call: transformers is imported lazily)."""
         from transformers import Idefics3VisionConfig
 
         return Idefics3VisionConfig(
@@ -709,6 +710,7 @@ def _write_back(model, runner: _FrozenTextForward) -> None:
 
 # --- build / load ----------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of the file at `path`, read in 1 MiB blocks: tells whether cached weights are stale."""
     import hashlib
 
     digest = hashlib.sha256()

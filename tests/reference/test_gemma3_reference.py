@@ -11,8 +11,9 @@ import importlib.util
 
 import pytest
 import torch
+from real_target_checks import dream_equals_plain_on_a_description, shape_and_color_answers_right
 
-from hf_dream.reference import easy_vqa, gemma3
+from hf_dream.reference import gemma3
 
 HAS_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
 HAS_REAL_ASSETS = all(importlib.util.find_spec(m) is not None for m in (gemma3.GEMMA_MODULE, "gguf", "easy_vqa"))
@@ -177,24 +178,11 @@ def test_train_vision_moves_only_the_vision_part(tiny):
 def test_real_gemma3_reference_target_answers_from_the_image():
     if not gemma3.WEIGHTS_PATH.is_file():
         pytest.skip("no committed vision weights")
-    import hf_dream
-    from hf_dream.reference import build_prompt_inputs, load_reference_target
+    from hf_dream.reference import load_reference_target
 
     torch.set_num_threads(1)
     model, processor = load_reference_target("gemma3-ref")
     assert model.config.text_config.num_hidden_layers == 18 and model.config.text_config.vocab_size == 262144
-    examples, paths = easy_vqa.load_split("test")
-    from PIL import Image
-
-    asked = [ex for ex in examples if ex.answer in easy_vqa.SHAPES + easy_vqa.COLORS][:12]
-    right = 0
-    for ex in asked:
-        inputs = build_prompt_inputs(processor, Image.open(paths[ex.image_id]), gemma3.vqa_prompt(ex.question))
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        right += easy_vqa.normalize_answer(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)) == ex.answer
+    right = shape_and_color_answers_right(model, processor, gemma3.vqa_prompt)
     assert right >= 6, f"only {right}/12 shape/colour answers right"  # chance is ~1/3 (shapes) and 1/8 (colours)
-
-    inputs = build_prompt_inputs(processor, Image.open(paths[0]), "Describe the image.")
-    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    dream = model.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=hf_dream.DreamDraftModel.from_target(model))
-    assert torch.equal(plain, dream)
+    assert dream_equals_plain_on_a_description(model, processor)

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from real_target_checks import dream_equals_plain_on_a_description, shape_and_color_answers_right
 
 from hf_dream.reference import common, easy_vqa, smolvlm
 from hf_dream.reference.common import MissingReferenceAsset
@@ -352,24 +353,11 @@ def test_cli_reports_a_missing_package_cleanly(monkeypatch, capsys, tmp_path):
 def test_real_reference_target_answers_from_the_image():
     if not smolvlm.WEIGHTS_PATH.is_file():
         pytest.skip("no committed vision weights")
-    import hf_dream
-    from hf_dream.reference import build_prompt_inputs, load_reference_target
+    from hf_dream.reference import load_reference_target
 
     torch.set_num_threads(1)
     model, processor = load_reference_target("smolvlm-ref")
     assert model.config.text_config.num_hidden_layers == 30 and model.config.text_config.hidden_size == 576
-    examples, paths = easy_vqa.load_split("test")
-    from PIL import Image
-
-    asked = [ex for ex in examples if ex.answer in easy_vqa.SHAPES + easy_vqa.COLORS][:12]
-    right = 0
-    for ex in asked:
-        inputs = build_prompt_inputs(processor, Image.open(paths[ex.image_id]), smolvlm.vqa_prompt(ex.question))
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        right += easy_vqa.normalize_answer(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)) == ex.answer
+    right = shape_and_color_answers_right(model, processor, smolvlm.vqa_prompt)
     assert right >= 8, f"only {right}/12 shape/colour answers right"  # chance is ~1/3 (shapes) and 1/8 (colours)
-
-    inputs = build_prompt_inputs(processor, Image.open(paths[0]), "Describe the image.")
-    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    dream = model.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=hf_dream.DreamDraftModel.from_target(model))
-    assert torch.equal(plain, dream)
+    assert dream_equals_plain_on_a_description(model, processor)

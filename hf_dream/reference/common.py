@@ -175,6 +175,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def build_record(name: str, retrained: bool, weights_path: Path, out_dir: Path, model, trained_modules, spec,
+                 training: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """What a build did: the trained-weights file (path, hash, size), parameter counts, the vision spec,
+    the training summary and the wall times (`build_seconds` excludes training)."""
+    import dataclasses
+
+    train_seconds = training["train_seconds"] if training else 0.0
+    return {
+        "name": name,
+        "retrained": retrained,
+        "weights": str(weights_path),
+        "weights_sha256": file_sha256(weights_path),
+        "weights_bytes": weights_path.stat().st_size,
+        "cache_dir": str(out_dir),
+        "parameters": {
+            "total": sum(p.numel() for p in model.parameters()),
+            "vision_and_connector": sum(p.numel() for m in trained_modules for p in m.parameters()),
+        },
+        "vision_spec": dataclasses.asdict(spec),
+        "training": training,
+        "training_seconds": train_seconds,
+        "build_seconds": round(seconds - train_seconds, 1),
+    }
+
+
 def save_build(model, processor, out_dir: Path, record: dict[str, Any]) -> None:
     """Save model + processor + build record to `out_dir` atomically: the folder appears complete or not at all."""
     import shutil

@@ -34,9 +34,9 @@ from torch import nn
 
 from .common import (
     MissingReferenceAsset,
+    build_record,
     cache_root,
     ensure_built,
-    file_sha256,
     load_gguf_causal_lm,
     reference_cache_dir,
     require_module,
@@ -425,27 +425,12 @@ def build(
             log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
         else:
             load_trained_state_dict(model, read_trained_weights(weights_path))
-        train_seconds = training["train_seconds"] if training else 0.0
-        record = {
-            "name": NAME,
-            "retrained": retrain,
-            "weights": str(weights_path),
-            "weights_sha256": file_sha256(weights_path),
-            "weights_bytes": weights_path.stat().st_size,
-            "cache_dir": str(out_dir),
-            "parameters": {
-                "total": sum(p.numel() for p in model.parameters()),
-                "vision_and_connector": sum(
-                    p.numel() for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()
-                ),
-            },
-            "vision_spec": dataclasses.asdict(DEFAULT_SPEC),
-            "training": training,
-            "training_seconds": train_seconds,
-            "build_seconds": round(time.perf_counter() - started - train_seconds, 1),
-        }
+        record = build_record(
+            NAME, retrain, weights_path, out_dir, model, (model.model.vision_tower, model.model.multi_modal_projector),
+            DEFAULT_SPEC, training, time.perf_counter() - started,
+        )
         save_build(model, processor, out_dir, record)
-    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {train_seconds}s)")
+    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
     return record
 
 

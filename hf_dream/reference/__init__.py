@@ -33,6 +33,9 @@ import torch
 from .common import CACHE_ENV, MissingReferenceAsset, cache_root, reference_cache_dir
 
 REFERENCE_TARGETS: tuple[str, ...] = ("smolvlm-ref", "gemma3-ref")
+# The public Hub model each reference target's text weights come from: a reference drafter's card names it
+# as `base_model` (the target itself is built locally and has no Hub id).
+REFERENCE_BASE_MODELS: dict[str, str] = {"smolvlm-ref": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-ref": "google/gemma-3-270m"}
 
 
 def _module(name: str):
@@ -78,6 +81,7 @@ def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | N
 
 __all__ = [
     "CACHE_ENV",
+    "REFERENCE_BASE_MODELS",
     "REFERENCE_TARGETS",
     "MissingReferenceAsset",
     "build_prompt_inputs",

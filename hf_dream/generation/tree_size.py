@@ -35,11 +35,18 @@ class TreeSize:
     total_tokens: int
 
 
-def _timed(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 0) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones. On a GPU the device is
+    synchronised around each call: kernels run asynchronously, so the clock alone would time their launch."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -68,7 +75,7 @@ def measure_verification_costs(model, context_length: int, sizes=CANDIDATE_SIZES
                 cache.crop(-size)
 
             step()  # warm-up of this shape
-            costs[size] = _timed(step, repeats)
+            costs[size] = median_seconds(step, repeats)
     _COSTS[key] = costs
     return costs
 
@@ -104,4 +111,4 @@ def measure_draft_level_cost(state, repeats: int = 3) -> float:
         state.cache.crop(-1)
 
     level()
-    return _timed(level, repeats)
+    return median_seconds(level, repeats)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import hf_dream  # noqa: E402
+from hf_dream.generation.tree_size import median_seconds  # noqa: E402
 from hf_dream.testing import SUPPORTED_TINY_FAMILIES, build_tiny_target, make_tiny_inputs  # noqa: E402
 
 
@@ -81,24 +81,6 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, prompt_length: int) -> i
     return int(differs[0]) if len(differs) else None
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def llava7b_target(device: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
@@ -136,7 +118,7 @@ def costs(model, inputs, device: str) -> dict:
 
         result = {"context_tokens": length, "target_pass_ms": {}}
         for n in (1, 2, 4, 6, 8, 16, 32, 64):
-            result["target_pass_ms"][n] = round(_timed(target_pass(n)) * 1e3, 3)
+            result["target_pass_ms"][n] = round(median_seconds(target_pass(n), 20, warmup=3) * 1e3, 3)
         # one drafter step: one new token over the drafter's cache of the same context (+ lm_head)
         hidden = model.config.text_config.hidden_size
         memory = drafter.new_memory(torch.randn(1, length, hidden, device=device, dtype=torch.bfloat16))
@@ -148,7 +130,7 @@ def costs(model, inputs, device: str) -> dict:
             drafter(inputs_embeds=embeds[:, -1:], position_ids=torch.tensor([[length]], device=device), memory=memory, cache=draft_cache)
             draft_cache.crop(-1)
 
-        result["drafter_step_ms"] = round(_timed(draft_step) * 1e3, 3)
+        result["drafter_step_ms"] = round(median_seconds(draft_step, 20, warmup=3) * 1e3, 3)
     step = result["target_pass_ms"][1]
     result["verify_over_step"] = {n: round(ms / step, 3) for n, ms in result["target_pass_ms"].items()}
     result["draft_over_step"] = round(result["drafter_step_ms"] / step, 3)
@@ -175,7 +157,7 @@ def end_to_end(model, drafter, inputs, new_tokens: int = 64, repeats: int = 3) -
             def run(kwargs=kwargs):
                 return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
 
-            seconds = _timed(run, repeats=repeats, warmup=1)
+            seconds = median_seconds(run, repeats, warmup=1)
             out[name] = {"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 1)}
             if name == "dream_untrained":
                 out[name]["last_stats"] = {k: v for k, v in (drafter.last_stats or {}).items() if isinstance(v, (int, float))}

@@ -236,3 +236,23 @@ def ensure_built(name: str, build, cache_dir, weights_path: Path, build_if_missi
         log(f"[{name}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
         build(cache_dir=cache_dir, weights_path=weights_path, log=log)
     return reference_cache_dir(name, cache_dir)
+
+
+def load_built(name: str, build, cache_dir, dtype: torch.dtype, build_if_missing: bool, weights_path: Path, log):
+    """(model, processor) of the reference target `name` from its cache folder (built first if missing or stale),
+    the model in `dtype`, the tokenizer padding on the left for batched generation."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = ensure_built(name, build, cache_dir, weights_path, build_if_missing, log)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def plain_text_config(text_lm):
+    """A copy of a GGUF-loaded causal LM's config without its `quantization_config` (the weights are floats)."""
+    config = text_lm.config.__class__.from_dict(text_lm.config.to_dict())
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -36,8 +35,10 @@ from .common import (
     MissingReferenceAsset,
     build_record,
     cache_root,
-    ensure_built,
+    drop_gguf_quantizer,
+    load_built,
     load_gguf_causal_lm,
+    plain_text_config,
     reference_cache_dir,
     require_module,
     save_build,
@@ -51,6 +52,7 @@ from .smolvlm import (
     _cast_frozen,
     _restore_frozen,
     build_prompt_inputs,
+    lr_scale,
     preprocess_images,
     training_examples,
 )
@@ -184,9 +186,7 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0)
     """
     from transformers import Gemma3ForConditionalGeneration
 
-    text_config = text_lm.config.__class__.from_dict(text_lm.config.to_dict())
-    if getattr(text_config, "quantization_config", None) is not None:
-        del text_config.quantization_config
+    text_config = plain_text_config(text_lm)
     config = gemma3_config(text_config, tokenizer, spec)
     if config.image_token_id < text_config.vocab_size:
         raise ValueError(f"expected {IMAGE_TOKEN} outside the text vocabulary, got id {config.image_token_id}")
@@ -211,7 +211,7 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, blank_line]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.hf_quantizer = None
+    drop_gguf_quantizer(model)
     return model.eval()
 
 
@@ -354,13 +354,8 @@ def train_vision(model, processor, settings: TrainingSettings, progress: bool = 
     started = time.perf_counter()
     bar = tqdm(range(settings.steps), desc=f"training {NAME} vision", disable=not progress)
     for step in bar:
-        if step < settings.warmup_steps:
-            scale = (step + 1) / settings.warmup_steps
-        else:
-            t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * scale
+            group["lr"] = base * lr_scale(step, settings)
         first = (step * settings.batch_size) % len(order)
         batch = [data[order[(first + k) % len(order)]] for k in range(settings.batch_size)]
         *inputs, first_label, attribute_labels = _collate(batch, pixels, processor.tokenizer.pad_token_id, attributes)
@@ -447,13 +442,7 @@ def load(
     log: Callable[[str], None] = print,
 ):
     """(model, processor) of `gemma3-ref` from the cache; built first if missing or built from other vision weights."""
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
-
-    folder = ensure_built(NAME, build, cache_dir, weights_path, build_if_missing, log)
-    model = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return load_built(NAME, build, cache_dir, dtype, build_if_missing, weights_path, log)
 
 
 __all__ = ["NAME", "WEIGHTS_PATH", "TrainingSettings", "build", "build_prompt_inputs", "cached_build_info", "load", "vqa_prompt"]

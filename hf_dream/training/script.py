@@ -124,3 +124,21 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
     destination = script_args.save_drafter_to or str(Path(training_args.output_dir) / "drafter")
     trainer.save_model(destination)
     return drafter
+
+
+def leave_process_group() -> None:
+    """End a launched (torchrun / accelerate) run cleanly; a no-op without torch.distributed.
+
+    Gloo's worker threads must be joined while the interpreter is still alive: left to interpreter shutdown,
+    the last references to the process group (held by the DDP wrapper) can abort a rank with "terminate
+    called without an active exception" after its work is saved, and the launcher then reports a failure.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()  # drop the DDP wrapper (and its reference to the group) before the group goes
+    dist.destroy_process_group()

@@ -11,6 +11,7 @@ import hf_dream  # noqa: F401
 from hf_dream import DreamDraftModel
 from hf_dream.testing import build_tiny_target
 from hf_dream.training import DreamTrainer, DreamTrainingArguments
+from hf_dream.training.script import leave_process_group
 
 out = sys.argv[1]
 torch.set_num_threads(1)
@@ -28,8 +29,5 @@ if rank == 0:
 trainer.train()
 save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, f"{out}/rank{rank}.safetensors")
 print(f"rank={rank} world_size={trainer.args.world_size}")
-# Leave the process group explicitly: letting interpreter shutdown tear down gloo's threads can abort a
-# rank ("terminate called without an active exception") after the work is done.
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+del trainer  # the DDP wrapper holds the process group; the group must go while the interpreter is alive
+leave_process_group()

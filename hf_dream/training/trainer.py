@@ -58,6 +58,13 @@ class DreamTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the teacher needs columns the drafter's forward does not take."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP: every trainable drafter parameter takes part in every step (tested), so the extra "
+            "autograd traversal that looks for unused ones is off."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

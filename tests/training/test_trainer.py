@@ -117,6 +117,21 @@ def test_ablation_switches(tmp_path, mid_supervision):
         assert drafter.config.static_feature_layer == 1  # round(0.5 * 2 layers)
 
 
+@pytest.mark.parametrize("fusion,mid_supervision", [("cross_attention", "entropy"), ("cross_attention", "static"), ("concat", "none")])
+def test_every_trainable_parameter_gets_a_gradient(tmp_path, fusion, mid_supervision):
+    # what makes `ddp_find_unused_parameters=False` (our default) safe under DDP
+    target = cached_target(FAMILY)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    args = DreamTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to=[], use_cpu=True, mid_supervision=mid_supervision
+    )
+    assert args.ddp_find_unused_parameters is False
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=prepare(tmp_path, num=2))
+    trainer.compute_loss(drafter, next(iter(trainer.get_train_dataloader()))).backward()
+    trainable = {name: p for name, p in drafter.named_parameters() if p.requires_grad}
+    assert trainable and not [name for name, p in trainable.items() if p.grad is None]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mid_supervision"):
         DreamTrainingArguments(output_dir="x", mid_supervision="median", use_cpu=True)

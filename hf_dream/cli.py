@@ -404,6 +404,15 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 # --- entry point -----------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help already states it or there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == [] or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-dream` parser: one subparser per registered command, each with `--config`; also kept in `parser.subcommands`."""
     parser = argparse.ArgumentParser(
@@ -414,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.subcommands = {}
     for name, (configure, run, dataclass_types) in COMMANDS.items():
         doc = (run.__doc__ or "").strip()
-        sub = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc, dataclass_types=list(dataclass_types))
+        sub = subparsers.add_parser(
+            name, help=doc.splitlines()[0], description=doc, dataclass_types=list(dataclass_types), formatter_class=_HelpFormatter
+        )
         sub.add_argument("--config", help="YAML or JSON file of option values; options given on the command line win.")
         if configure is not None:
             configure(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -24,6 +25,9 @@ def test_every_subcommand_documents_its_options(name, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.strip()
+    flat = " ".join(text.split())
+    assert not re.search(r"\(default: [^)]*\) \(default:", flat), "a default is shown twice"
+    assert "(default: None)" not in flat and "(default: [])" not in flat
     for action in build_parser()._subparsers._group_actions[0].choices[name]._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{name} {action.option_strings} has no help text"

@@ -40,7 +40,15 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .candidate_generator import DreamCandidateGenerator
-from .tree_size import choose_tree_size, measure_draft_level_cost, measure_verification_costs
+from .tree_size import (
+    ADAPT_EVERY_PASSES,
+    choose_tree_size,
+    measure_draft_level_cost,
+    measure_verification_costs,
+    observed_acceptance_slope,
+    remember_slope,
+    remembered_slope,
+)
 from .validation import check_custom_masks, check_dream_call
 
 DEFAULT_TREE_TOP_K = 4
@@ -606,8 +614,10 @@ def tree_generate(
         tree_total_tokens (`int` or `"auto"`): drafted nodes verified per target pass (the root comes
             on top). `"auto"` times target passes over 1..64 new tokens and a drafter step on this
             machine once (cached) and picks the size, depth and top-k with the best expected
-            tokens per second (see `hf_dream.generation.tree_size`); the choice is in
-            `drafter.last_stats["tree_size"]`.
+            tokens per second (see `hf_dream.generation.tree_size`), then picks again every few
+            passes from the acceptance observed so far (remembered for the next call with the same
+            target and drafter); the choices are in
+            `drafter.last_stats["tree_size"]` (`history`: each size and the slope that chose it).
         tree_streamer: where the streamer arrives: transformers 5.24 does not pass `streamer` to a
             `custom_generate` callable, so `import hf_dream` makes `generate(streamer=...)` forward
             it here (it gets the prompt, every accepted token and `end()`).
@@ -663,11 +673,16 @@ def tree_generate(
     root_output = None if finished else state.catch_up(input_ids, outputs.hidden_states[last_layer], 0, outputs.hidden_states[0])
     del outputs
 
-    if tree_total_tokens == "auto" and not finished:
+    adaptive = tree_total_tokens == "auto" and not finished
+    if adaptive:
         costs = measure_verification_costs(model, input_ids.shape[1])
-        size = choose_tree_size(costs, measure_draft_level_cost(state))
+        level_cost = measure_draft_level_cost(state)
+        slope = remembered_slope(model, drafter)
+        size = choose_tree_size(costs, level_cost, slope)
         tree_top_k, tree_depth, tree_total_tokens = size.top_k, size.depth, size.total_tokens
         stats["tree_size"] = {"top_k": size.top_k, "depth": size.depth, "total_tokens": size.total_tokens, "verification_seconds": costs}
+        stats["tree_size"]["history"] = [dict(total_tokens=size.total_tokens, slope=slope)]
+        window_passes = window_tokens = 0
     tree_drafter = TreeDrafter(state, logits_processor, eos_token_ids)
     while not finished:
         length = input_ids.shape[1]
@@ -695,6 +710,18 @@ def tree_generate(
             visible = torch.cat([visible, visible.new_ones(len(new_tokens))])
         side = sum(1 for node in walk.path[:accepted] if tree.ranks[node] > 0)
         _record_round(stats, len(tree) - 1, accepted, side, input_ids.shape[1] - prompt_length)
+        if adaptive and depth > 0:
+            # re-size the tree from the acceptance this drafter really achieves on this prompt
+            window_passes, window_tokens = window_passes + 1, window_tokens + len(new_tokens)
+            if window_passes == ADAPT_EVERY_PASSES:
+                # half the new window, half the history: two passes alone are a noisy estimate
+                slope = 0.5 * slope + 0.5 * observed_acceptance_slope(window_tokens / window_passes, tree_total_tokens)
+                remember_slope(model, drafter, slope)
+                size = choose_tree_size(costs, level_cost, slope)
+                tree_top_k, tree_depth, tree_total_tokens = size.top_k, size.depth, size.total_tokens
+                stats["tree_size"].update(top_k=size.top_k, depth=size.depth, total_tokens=size.total_tokens)
+                stats["tree_size"]["history"].append(dict(total_tokens=size.total_tokens, slope=slope))
+                window_passes = window_tokens = 0
         if streamer is not None:
             streamer.put(input_ids.new_tensor([new_tokens]).cpu())
         finished = bool(stopping_criteria(input_ids, tuple(scores_out)).all())

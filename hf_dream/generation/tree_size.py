@@ -6,7 +6,11 @@ a plain fp32 CPU only a few tokens). The best tree is therefore hardware-specifi
 target passes over N = 1, 2, 4, ... new tokens on a cached context and a drafter level, then
 pick the N that maximises the expected tokens per second under an acceptance model
 tau(N) = 1 + slope * log2(1 + N) (acceptance grows roughly logarithmically with tree size in
-EAGLE-2's measurements; slope ~0.8 for a well-trained drafter). Measurements are cached per
+EAGLE-2's measurements; slope ~0.8 for a well-trained drafter). That slope is only the prior:
+during generation the slope is re-estimated from the acceptance actually observed and the size
+chosen again (`ADAPT_EVERY_PASSES`), so a drafter that rarely hits gets small trees and a good
+one large trees; the last estimate is remembered per (target, drafter) as the next call's
+starting point, since answers are often only a few passes long. Measurements are cached per
 (target, device, dtype, context length bucket), so only the first call pays (~1 s on a
 135M-parameter target on 2 CPU cores).
 """
@@ -23,7 +27,10 @@ from transformers import DynamicCache
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_ACCEPTANCE_SLOPE = 0.8
+ADAPT_EVERY_PASSES = 2
+SLOPE_RANGE = (0.05, 2.0)
 _COSTS: dict[tuple, dict[int, float]] = {}
+_SLOPES: dict[tuple[int, int], float] = {}
 
 
 @dataclass(frozen=True)
@@ -87,14 +94,32 @@ def choose_tree_size(
 
     `draft_level_cost` is the seconds of one batched drafter level (one drafter forward over the
     frontier). N = 1 means "no tree": one drafted token, i.e. a chain step."""
-    best, best_rate = None, -1.0
+    best, best_rate, floor = None, -1.0, 0.0
     for total, verify in sorted(verification_costs.items()):
+        # a pass over more tokens never really costs less: a lower reading is timing noise
+        verify = floor = max(floor, verify)
         depth = max(1, min(8, round(math.log2(total)) + 1))
         expected_tokens = 1.0 + slope * math.log2(1 + total)
         rate = expected_tokens / (verify + depth * draft_level_cost)
         if rate > best_rate:
             best, best_rate = TreeSize(top_k=max(1, min(4, total)), depth=min(depth, total), total_tokens=total), rate
     return best
+
+
+def observed_acceptance_slope(tokens_per_pass: float, total_tokens: int) -> float:
+    """The slope of the acceptance model that explains `tokens_per_pass` (accepted + bonus, per
+    target pass) seen with trees of `total_tokens` nodes, clipped to `SLOPE_RANGE`."""
+    slope = (tokens_per_pass - 1.0) / math.log2(1 + total_tokens)
+    return min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1])
+
+
+def remembered_slope(model, drafter) -> float:
+    """The acceptance slope last observed for this (target, drafter) pair, else the prior."""
+    return _SLOPES.get((id(model), id(drafter)), DEFAULT_ACCEPTANCE_SLOPE)
+
+
+def remember_slope(model, drafter, slope: float) -> None:
+    _SLOPES[(id(model), id(drafter))] = slope
 
 
 def measure_draft_level_cost(state, repeats: int = 3) -> float:

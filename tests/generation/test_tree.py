@@ -338,3 +338,35 @@ def test_auto_tree_size_is_measured_and_lossless(target, inputs):
     chosen = drafter.last_stats["tree_size"]
     assert chosen["total_tokens"] in chosen["verification_seconds"]
     assert all(seconds > 0 for seconds in chosen["verification_seconds"].values())
+
+
+def test_observed_acceptance_slope():
+    from hf_dream.generation.tree_size import SLOPE_RANGE, observed_acceptance_slope
+
+    assert observed_acceptance_slope(1.0 + 0.8 * 2.0, total_tokens=3) == pytest.approx(0.8)  # the prior's own curve
+    assert observed_acceptance_slope(1.0, total_tokens=16) == SLOPE_RANGE[0]  # nothing accepted: the floor, not 0
+    assert observed_acceptance_slope(40.0, total_tokens=1) == SLOPE_RANGE[1]
+
+
+def test_auto_tree_size_adapts_to_the_observed_acceptance(target, inputs, monkeypatch):
+    from hf_dream.generation import tree_size
+
+    monkeypatch.setattr(tree_size, "_SLOPES", {})
+    # a GPU: verification free up to 16 tokens, cheap drafting; the largest tree pays unless drafts are nearly
+    # always wrong (acceptance slope below ~0.13)
+    monkeypatch.setattr(tree_module, "measure_verification_costs", lambda model, length: {n: 0.010 for n in (1, 2, 4, 8, 16)})
+    monkeypatch.setattr(tree_module, "measure_draft_level_cost", lambda state: 0.001)
+    reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, custom_generate=tree_generate, tree_total_tokens="auto")
+    sizes = lambda drafter: [step["total_tokens"] for step in drafter.last_stats["tree_size"]["history"]]  # noqa: E731
+
+    vocab = target.config.get_text_config().vocab_size
+    blind = tree_oracle(target, (reference + 7) % vocab)  # confidently wrong everywhere
+    assert torch.equal(target.generate(**inputs, drafter=blind, **kwargs), reference)
+    assert sizes(blind)[0] == 16 and sizes(blind)[-1] == 1
+    target.generate(**inputs, drafter=blind, **kwargs)
+    assert sizes(blind)[0] == 1  # the estimate carries over to the next call with the same pair
+
+    oracle = tree_oracle(target, reference)
+    assert torch.equal(target.generate(**inputs, drafter=oracle, **kwargs), reference)
+    assert min(sizes(oracle)) >= 8  # a drafter that is usually right keeps large trees

@@ -119,6 +119,7 @@ def remembered_slope(model, drafter) -> float:
 
 
 def remember_slope(model, drafter, slope: float) -> None:
+    """Keep `slope` as the starting estimate of the next `"auto"` call with this (target, drafter) pair."""
     _SLOPES[(id(model), id(drafter))] = slope
 
 

@@ -259,12 +259,29 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-top-k", type=int, help="tree methods: children per expanded node")
     parser.add_argument("--tree-depth", type=int, help="tree methods: draft depth")
     parser.add_argument("--tree-total-tokens", type=_int_or_auto, help="tree methods: nodes verified per pass, or 'auto' (sized from measured verification cost)")
+    parser.add_argument(
+        "--draft-schedule", action="append", default=[],
+        help="chain methods: constant, heuristic or auto for every drafter, or NAME=SCHEDULE for one (repeatable); default: as saved",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up call per method")
     parser.add_argument("--out", default="results.json", help="result JSON; the .md table and .png plot go beside it (default: results.json)")
 
 
 def _int_or_auto(value: str):
     return value if value == "auto" else int(value)
+
+
+def _draft_schedules(specs: list[str]) -> dict[str | None, str]:
+    """`{drafter name or None (every drafter): schedule}` from `--draft-schedule` values, checked before any work."""
+    from .configuration_dream import DRAFT_SCHEDULES
+
+    schedules = {}
+    for spec in specs:
+        name, _, schedule = spec.rpartition("=") if "=" in spec else (None, "", spec)
+        if schedule not in DRAFT_SCHEDULES:
+            raise SystemExit(f"hf-dream bench: --draft-schedule {spec!r}: the schedule must be one of {', '.join(DRAFT_SCHEDULES)}")
+        schedules[name] = schedule
+    return schedules
 
 
 def _load_drafters(specs: list[str], target, dtype) -> dict:
@@ -292,11 +309,16 @@ def run_bench(args: argparse.Namespace) -> int:
     from .loading import load_target, make_encoder, read_prompts
 
     _require(args, "target", "prompts")
+    schedules = _draft_schedules(args.draft_schedule)
     if args.threads:
         torch.set_num_threads(args.threads)
     examples = read_prompts(args.prompts)[: args.limit]
     target, processor = load_target(args.target, dtype=args.target_dtype)
     drafters = _load_drafters(args.drafter, target, getattr(torch, args.drafter_dtype) if args.drafter_dtype else None)
+    for name in schedules.keys() - {None} - drafters.keys():
+        raise SystemExit(f"hf-dream bench: --draft-schedule names {name!r}, which is not a drafter ({', '.join(drafters)})")
+    for name, drafter in drafters.items():
+        drafter.config.draft_schedule = schedules.get(name, schedules.get(None, drafter.config.draft_schedule))
     tree_options = {k: v for k, v in {"tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth, "tree_total_tokens": args.tree_total_tokens}.items() if v}
     methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options)
     encode = make_encoder(target, processor, Path(args.prompts).parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 FUSION_MODES = ("cross_attention", "concat")
-DRAFT_SCHEDULES = ("constant", "heuristic")
+DRAFT_SCHEDULES = ("constant", "heuristic", "auto")
 
 
 class DreamConfig(PreTrainedConfig):
@@ -44,7 +44,11 @@ class DreamConfig(PreTrainedConfig):
             counterpart of an assistant's `generation_config.num_assistant_tokens`).
         draft_schedule (`str`): `"constant"` drafts `num_draft_tokens` every round;
             `"heuristic"` adapts it during a call as transformers' assistants do (+2 after a
-            fully accepted draft, -1 otherwise, never below 1).
+            fully accepted draft, -1 otherwise, never below 1); `"auto"` times verification
+            passes and a drafter step on this machine once, estimates the acceptance rate from
+            the rounds seen (remembered across calls) and drafts the length with the best
+            expected tokens per second, 1..8 (`hf_dream.generation.draft_length`; batch-1 chain
+            decoding; batches draft `num_draft_tokens`).
         draft_vocab_size (`int`, *optional*): If set, the drafter predicts only this many of the
             target's tokens (the most frequent ones in its training data, EAGLE-3 style): its
             output layer is the matching rows of the target's lm_head, a large saving when the

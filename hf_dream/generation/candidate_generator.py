@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.generation import CandidateGenerator
 
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
+from .draft_length import DraftLengthChooser
 
 
 def new_stats() -> dict:
@@ -53,6 +54,7 @@ class DreamCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.num_draft_tokens = drafter.config.num_draft_tokens
         self.adaptive = drafter.config.draft_schedule == "heuristic"
+        self.length_chooser = DraftLengthChooser(target, drafter) if drafter.config.draft_schedule == "auto" else None
         eos = getattr(generation_config, "_eos_token_tensor", None)
         self.eos_token_ids = None if eos is None else eos.reshape(-1)
         self.prompt_length = input_ids.shape[1]
@@ -80,6 +82,10 @@ class DreamCandidateGenerator(CandidateGenerator):
         prompt_embeds = hidden_states[0] if self.draft_positions == 0 else None
         with torch.no_grad():
             output = self.catch_up(input_ids, hidden_states[self._last_layer], n_last_matches, prompt_embeds)
+            if self.length_chooser is not None:
+                if self.length_chooser.costs is None:
+                    self.length_chooser.measure(self, input_ids.shape[1])
+                self.num_draft_tokens = self.length_chooser.next_length()
             candidates, candidate_logits = self._draft(input_ids, output)
         self.num_drafted = candidates.shape[1] - input_ids.shape[1]
         self.stats["drafted_tokens"] += self.num_drafted
@@ -92,6 +98,8 @@ class DreamCandidateGenerator(CandidateGenerator):
         self.stats["accepted_per_pass"].append(num_matches)
         self.stats["new_tokens"] = input_ids.shape[1] - self.prompt_length
         self.stats["acceptance_length"] = self.stats["new_tokens"] / self.stats["target_passes"]
+        if self.length_chooser is not None:
+            self.length_chooser.record(self.num_drafted, num_matches)
         if self.adaptive and self.num_drafted > 0:
             # transformers' "heuristic" schedule: grow after a fully accepted draft, shrink otherwise
             fully_accepted = num_matches == self.num_drafted

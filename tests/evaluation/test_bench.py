@@ -9,6 +9,7 @@ from conftest import cached_target
 
 from hf_dream import DreamDraftModel
 from hf_dream.cli import main
+from hf_dream.evaluation import bench
 from hf_dream.evaluation.bench import Method, summarize
 
 
@@ -61,6 +62,33 @@ def test_unknown_method_lists_the_available_ones(setup):
     tmp_path, prompts = setup
     with pytest.raises(ValueError, match="available with these drafters: ar, prompt_lookup, dream, dream_tree"):
         main(["bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--prompts", str(prompts), "--methods", "ar,medusa", "--out", str(tmp_path / "r.json")])
+
+
+def test_draft_schedule_per_drafter(setup, monkeypatch):
+    tmp_path, prompts = setup
+    out = tmp_path / "schedules.json"
+    argv = [
+        "bench", "--target", "tiny:idefics3", "--drafter", f"fixed={tmp_path / 'dream'}", "--drafter", f"timed={tmp_path / 'dream'}",
+        "--draft-schedule", "timed=auto", "--prompts", str(prompts), "--methods", "ar,fixed,timed", "--max-new-tokens", "12", "--out", str(out),
+    ]
+    schedules = {}
+    run_one = bench.run_one
+
+    def spy(target, method, *args, **kwargs):
+        schedules[method.name] = None if method.drafter is None else method.drafter.config.draft_schedule
+        return run_one(target, method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_one", spy)
+    assert main(argv) == 0
+    assert schedules == {"ar": None, "fixed": "constant", "timed": "auto"}
+    assert json.loads(out.read_text())["summary"]["timed"]["identical_to_ar"] is True
+
+
+@pytest.mark.parametrize("value, message", [("fast", "must be one of constant, heuristic, auto"), ("nobody=auto", "not a drafter")])
+def test_bad_draft_schedule_is_refused(setup, value, message):
+    tmp_path, prompts = setup
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--prompts", str(prompts), "--draft-schedule", value])
 
 
 def test_a_method_that_cannot_run_is_reported_not_fatal(tmp_path):

@@ -434,5 +434,5 @@ def test_reference_drafter_folders_are_pushable_and_their_cards_current(folder, 
     from hf_dream.cli import main
 
     license_id = "gemma" if name == "gemma3-ref" else "apache-2.0"
-    assert main(["card", "--drafter", str(folder), "--bench", str(bench / "results-T0.json"), "--bench", str(bench / "results-T1.json"),
-                 "--out", str(folder / "README.md"), "--license", license_id, "--check"]) == 0
+    results = [arg for name in ("results-T0", "results-T1", "adaptive-T0", "adaptive-T1") for arg in ("--bench", str(bench / f"{name}.json"))]
+    assert main(["card", "--drafter", str(folder), *results, "--out", str(folder / "README.md"), "--license", license_id, "--check"]) == 0

@@ -7,7 +7,7 @@ import torch
 from conftest import check_stats, oracle_drafter
 
 from hf_dream.generation import draft_length
-from hf_dream.generation.draft_length import best_draft_length, expected_tokens
+from hf_dream.generation.draft_length import best_draft_length, expected_tokens, interpolate_costs
 
 NEW_TOKENS = 48
 FLAT = {n: 0.010 for n in range(1, 10)}  # a GPU: a pass over 9 tokens costs what a pass over one does
@@ -27,6 +27,12 @@ def test_best_draft_length_follows_costs_and_acceptance():
     assert best_draft_length(0.75, STEEP, draft_step_cost=0.0005) == 1  # every verified token costs a step
     noisy = {**STEEP, 4: 0.001}  # a 4-token pass read faster than a 1-token one is timing noise, not a bargain
     assert best_draft_length(0.5, noisy, draft_step_cost=0.0005) == 1
+
+
+def test_interpolate_costs():
+    costs = interpolate_costs({1: 1.0, 3: 3.0, 9: 6.0}, range(1, 11))
+    assert costs[1] == 1.0 and costs[2] == 2.0 and costs[3] == 3.0 and costs[5] == pytest.approx(4.0) and costs[9] == 6.0
+    assert costs[10] == 6.0  # beyond the last measurement: the last one
 
 
 @pytest.fixture

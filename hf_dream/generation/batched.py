@@ -349,6 +349,7 @@ class BatchedDrafter:
         self.cache = RaggedCache(DynamicCache(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
         self.memory = BatchedFeatureMemory(drafter)
         self.num_draft_tokens = torch.full((batch_size,), drafter.config.num_draft_tokens, dtype=torch.long, device=device)
+        # "auto" models one row's verification cost; a batch drafts num_draft_tokens per row instead
         self.adaptive = drafter.config.draft_schedule == "heuristic"
         self._recorder: AttentionInputRecorder | None = None
 

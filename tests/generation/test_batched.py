@@ -184,16 +184,24 @@ def test_untrained_concat_drafter_batched_equality(family):
     check_untrained_drafter(cached_target(family), "concat")
 
 
-def check_untrained_drafter(target, fusion):
+def check_untrained_drafter(target, fusion, **overrides):
     rows = ragged_rows(target)
     batch = stack_tiny_inputs(target, rows)
     greedy = dict(max_new_tokens=20, do_sample=False)
     alone = new_tokens_alone(target, rows, **greedy)
     torch.manual_seed(0)
-    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion, **overrides)
     output = target.generate(**batch, **greedy, assistant_model=drafter)
     assert_rows_match(output, batch["input_ids"].shape[1], alone, target.tiny_spec.pad_token_id)
     check_row_stats(drafter.last_stats, [len(t) for t in alone])
+    return drafter
+
+
+def test_auto_draft_schedule_drafts_a_constant_length_in_batches():
+    """`draft_schedule="auto"` sizes batch-1 chains; a batch drafts `num_draft_tokens` per row and stays exact."""
+    drafter = check_untrained_drafter(cached_target("llava"), "cross_attention", draft_schedule="auto", num_draft_tokens=3)
+    assert {d for row in drafter.last_stats["rows"] for d in row["drafted_per_pass"]} <= {0, 1, 2, 3}
+    assert max(d for row in drafter.last_stats["rows"] for d in row["drafted_per_pass"]) == 3
 
 
 class RecordingDraftModel(DreamDraftModel):

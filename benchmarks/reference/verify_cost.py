@@ -1,11 +1,16 @@
-"""What a verification pass costs on this machine, in decoding steps, per target dtype.
+"""What verification and drafting cost on this machine, in decoding steps, and what that allows.
 
 Times target passes over N = 1, 2, 4, 6, 8, 16 new tokens after a cached context (the same
-measurement `tree_total_tokens="auto"` makes: `hf_dream.generation.tree_size`) for each dtype and
-divides by the one-token pass. A chain of k drafts needs tau > cost(k + 1) / cost(1) (plus the
-drafter's steps) before it is faster than plain decoding. Writes JSON and a markdown table.
+measurement `tree_total_tokens="auto"` and `draft_schedule="auto"` make:
+`hf_dream.generation.tree_size`) for each target dtype, and divides by the one-token pass. With
+`--drafter`, also times one drafter forward over one token on a cached context (the cost of one
+draft). With `--bench` (an `hf-dream bench` JSON with an `ar` run on the same machine), it bounds what
+any drafter could reach on those prompts: the prompt's prefill (plain decoding's time minus its
+decoding steps) is paid by every method, and the best a drafter that is always right can do is to
+verify the whole rest of the answer in one pass. Writes JSON and a markdown table.
 
-    python benchmarks/reference/verify_cost.py --target reference:smolvlm-ref --threads 1 --out benchmarks/reference/smolvlm-ref/verify_cost.json
+    python benchmarks/reference/verify_cost.py --target reference:smolvlm-ref --drafter model_cards/dream-smolvlm-ref \
+        --bench benchmarks/reference/smolvlm-ref/adaptive-T0.json --threads 1 --out benchmarks/reference/smolvlm-ref/verify_cost.json
 """
 
 from __future__ import annotations
@@ -13,23 +18,66 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 import hf_dream  # noqa: F401
+from hf_dream import DreamDraftModel
 from hf_dream.evaluation.bench import machine_description
-from hf_dream.generation.tree_size import measure_verification_costs
+from hf_dream.generation.draft_length import interpolate_costs
+from hf_dream.generation.tree_size import median_seconds, measure_verification_costs
 from hf_dream.loading import load_target
 
 SIZES = (1, 2, 4, 6, 8, 16)
+
+
+def drafter_step_seconds(drafter: DreamDraftModel, context: int, repeats: int) -> float:
+    """Median seconds of one drafter forward over one token after `context` cached positions."""
+    hidden = drafter.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    memory = drafter.new_memory(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype))
+    cache = DynamicCache()
+    with torch.no_grad():
+        drafter(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype), torch.arange(context)[None], memory=memory, cache=cache)
+        token = torch.randn(1, 1, hidden, generator=generator).to(drafter.dtype)
+        position = torch.tensor([[context]])
+
+        def step():
+            drafter(token, position, memory=memory, cache=cache)
+            cache.crop(-1)
+
+        step()
+        return median_seconds(step, repeats)
+
+
+def perfect_drafter_bound(bench: dict, costs: dict[int, float], draft_seconds: float) -> dict:
+    """Speedup a drafter that is always right could reach on the median answer of `bench`'s `ar` run."""
+    runs = bench["runs"]["ar"]
+    step = costs[1]
+    lengths = [len(run["new_tokens"]) for run in runs]
+    prefill = statistics.median(run["seconds"] - (len(run["new_tokens"]) - 1) * step for run in runs)
+    length = int(statistics.median(lengths))
+    plain = prefill + (length - 1) * step
+    # after the prefill's token, draft the remaining length - 1 tokens and verify them (+ bonus) in one pass
+    verify = interpolate_costs(costs, [length])[length]
+    perfect = prefill + verify + (length - 1) * draft_seconds
+    free_drafting = prefill + verify
+    return {
+        "median_new_tokens": length, "prefill_seconds": prefill, "plain_seconds": plain, "one_pass_seconds": verify,
+        "bound": plain / perfect, "bound_with_free_drafting": plain / free_drafting,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="target spec, e.g. reference:smolvlm-ref")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of target dtypes")
+    parser.add_argument("--drafter", help="drafter folder: also time one draft step (in each dtype)")
+    parser.add_argument("--bench", help="`hf-dream bench` JSON with an `ar` run: bound what any drafter could reach there")
     parser.add_argument("--context", type=int, default=64, help="cached context length (rounded up to a power of 2)")
     parser.add_argument("--repeats", type=int, default=9, help="timed passes per size (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -38,20 +86,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {}
+    results, draft_steps, bounds = {}, {}, {}
     for name in args.dtypes.split(","):
         target, _ = load_target(args.target, dtype=getattr(torch, name))
         seconds = measure_verification_costs(target, args.context, sizes=SIZES, repeats=args.repeats)
         results[name] = {str(n): {"seconds": s, "steps": s / seconds[1]} for n, s in seconds.items()}
+        if args.drafter:
+            drafter = DreamDraftModel.from_pretrained(args.drafter).to(target.dtype).eval()
+            drafter.attach_target(target)
+            draft = drafter_step_seconds(drafter, args.context, args.repeats)
+            draft_steps[name] = {"seconds": draft, "steps": draft / seconds[1]}
+            if args.bench and name == str(json.loads(Path(args.bench).read_text())["settings"]["target_dtype"]).removeprefix("torch."):
+                bounds[name] = perfect_drafter_bound(json.loads(Path(args.bench).read_text()), seconds, draft)
         del target
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join([str(Path(sys.argv[0])), *sys.argv[1:]])
-    settings = {"target": args.target, "context": args.context, "repeats": args.repeats, "command": command, "machine": machine_description()}
-    out.write_text(json.dumps({"settings": settings, "costs": results}, indent=2) + "\n")
+    settings = {"target": args.target, "drafter": args.drafter, "bench": args.bench, "context": args.context, "repeats": args.repeats, "command": command, "machine": machine_description()}
+    out.write_text(json.dumps({"settings": settings, "costs": results, "draft_step": draft_steps, "perfect_drafter": bounds}, indent=2) + "\n")
     lines = [
-        f"# Verification cost of `{args.target}` (cached context of {args.context} tokens)",
+        f"# Verification and drafting cost of `{args.target}` (cached context of {args.context} tokens)",
         "",
         f"- Command: `{command}`",
         "- Machine: " + ", ".join(f"{key} {value}" for key, value in settings["machine"].items()),
@@ -62,6 +117,18 @@ def main() -> None:
     for n in SIZES:
         cells = " | ".join(f"{results[name][str(n)]['seconds'] * 1e3:.1f} | {results[name][str(n)]['steps']:.2f}" for name in results)
         lines.append(f"| {n} | {cells} |")
+    if draft_steps:
+        cells = " | ".join(f"{draft_steps[name]['seconds'] * 1e3:.1f} | {draft_steps[name]['steps']:.2f}" for name in results)
+        lines.append(f"| one draft step (`{args.drafter}`) | {cells} |")
+    for name, bound in bounds.items():
+        lines += [
+            "",
+            f"**What any drafter could reach** on the prompts of `{args.bench}` ({name}): the median answer has "
+            f"{bound['median_new_tokens']} new tokens; plain decoding takes {bound['plain_seconds']:.3f} s of which "
+            f"{bound['prefill_seconds']:.3f} s is the prefill every method pays. A drafter that is always right verifies the "
+            f"rest in one pass ({bound['one_pass_seconds'] * 1e3:.0f} ms): at most **{bound['bound']:.2f}x** with this "
+            f"drafter's step cost, {bound['bound_with_free_drafting']:.2f}x if drafting were free.",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,6 +21,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache
@@ -29,29 +30,25 @@ import hf_dream  # noqa: F401
 from hf_dream import DreamDraftModel
 from hf_dream.evaluation.bench import machine_description
 from hf_dream.generation.draft_length import interpolate_costs
-from hf_dream.generation.tree_size import median_seconds, measure_verification_costs
+from hf_dream.generation.tree_size import measure_draft_level_cost, measure_verification_costs
 from hf_dream.loading import load_target
 
 SIZES = (1, 2, 4, 6, 8, 16)
 
 
 def drafter_step_seconds(drafter: DreamDraftModel, context: int, repeats: int) -> float:
-    """Median seconds of one drafter forward over one token after `context` cached positions."""
+    """Median seconds of one drafter forward over one token after `context` cached positions (random
+    features: the cost does not depend on them), timed as `tree_total_tokens="auto"` times it."""
     hidden = drafter.config.hidden_size
     generator = torch.Generator().manual_seed(0)
-    memory = drafter.new_memory(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype))
-    cache = DynamicCache()
+    state = SimpleNamespace(
+        drafter=drafter, draft_positions=context, cache=DynamicCache(),
+        memory=drafter.new_memory(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype)),
+    )
     with torch.no_grad():
-        drafter(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype), torch.arange(context)[None], memory=memory, cache=cache)
-        token = torch.randn(1, 1, hidden, generator=generator).to(drafter.dtype)
-        position = torch.tensor([[context]])
-
-        def step():
-            drafter(token, position, memory=memory, cache=cache)
-            cache.crop(-1)
-
-        step()
-        return median_seconds(step, repeats)
+        embeds = torch.randn(1, context, hidden, generator=generator).to(drafter.dtype)
+        drafter(embeds, torch.arange(context)[None], memory=state.memory, cache=state.cache)
+    return measure_draft_level_cost(state, repeats)
 
 
 def perfect_drafter_bound(bench: dict, costs: dict[int, float], draft_seconds: float) -> dict:
@@ -86,6 +83,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
     results, draft_steps, bounds = {}, {}, {}
     for name in args.dtypes.split(","):
         target, _ = load_target(args.target, dtype=getattr(torch, name))
@@ -96,8 +94,8 @@ def main() -> None:
             drafter.attach_target(target)
             draft = drafter_step_seconds(drafter, args.context, args.repeats)
             draft_steps[name] = {"seconds": draft, "steps": draft / seconds[1]}
-            if args.bench and name == str(json.loads(Path(args.bench).read_text())["settings"]["target_dtype"]).removeprefix("torch."):
-                bounds[name] = perfect_drafter_bound(json.loads(Path(args.bench).read_text()), seconds, draft)
+            if bench and name == bench["settings"]["target_dtype"].removeprefix("torch."):
+                bounds[name] = perfect_drafter_bound(bench, seconds, draft)
         del target
 
     out = Path(args.out)

@@ -14,7 +14,7 @@ a weak drafter drafts one or two tokens.
 
 from __future__ import annotations
 
-from .tree_size import measure_draft_level_cost, measure_verification_costs
+from .tree_size import measure_draft_level_cost, measure_verification_costs, monotone_costs
 
 MAX_DRAFT_TOKENS = 8
 # verification pass sizes actually timed (each costs four target passes); the others are interpolated.
@@ -36,12 +36,12 @@ def expected_tokens(alpha: float, drafts: int) -> float:
 def best_draft_length(alpha: float, verification_costs: dict[int, float], draft_step_cost: float) -> int:
     """The number of drafts k >= 1 that maximises expected tokens per second, given the seconds of
     a verification pass over n tokens (`verification_costs[n]`, n = k + 1) and of one drafter forward."""
-    best, best_rate, floor = 1, -1.0, 0.0
+    costs = monotone_costs(verification_costs)
+    best, best_rate = 1, -1.0
     for drafts in range(1, MAX_DRAFT_TOKENS + 1):
-        if drafts + 1 not in verification_costs:
+        if drafts + 1 not in costs:
             break
-        floor = max(floor, verification_costs[drafts + 1])  # a longer pass never really costs less: noise
-        rate = expected_tokens(alpha, drafts) / (floor + drafts * draft_step_cost)
+        rate = expected_tokens(alpha, drafts) / (costs[drafts + 1] + drafts * draft_step_cost)
         if rate > best_rate:
             best, best_rate = drafts, rate
     return best

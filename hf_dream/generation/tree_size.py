@@ -87,6 +87,15 @@ def measure_verification_costs(model, context_length: int, sizes=CANDIDATE_SIZES
     return costs
 
 
+def monotone_costs(verification_costs: dict[int, float]) -> dict[int, float]:
+    """The costs with each pass at least as dear as any shorter one: a pass over more tokens never
+    really costs less, so a lower reading is timing noise."""
+    costs, floor = {}, 0.0
+    for size, seconds in sorted(verification_costs.items()):
+        costs[size] = floor = max(floor, seconds)
+    return costs
+
+
 def choose_tree_size(
     verification_costs: dict[int, float], draft_level_cost: float, slope: float = DEFAULT_ACCEPTANCE_SLOPE
 ) -> TreeSize:
@@ -94,10 +103,8 @@ def choose_tree_size(
 
     `draft_level_cost` is the seconds of one batched drafter level (one drafter forward over the
     frontier). N = 1 means "no tree": one drafted token, i.e. a chain step."""
-    best, best_rate, floor = None, -1.0, 0.0
-    for total, verify in sorted(verification_costs.items()):
-        # a pass over more tokens never really costs less: a lower reading is timing noise
-        verify = floor = max(floor, verify)
+    best, best_rate = None, -1.0
+    for total, verify in sorted(monotone_costs(verification_costs).items()):
         depth = max(1, min(8, round(math.log2(total)) + 1))
         expected_tokens = 1.0 + slope * math.log2(1 + total)
         rate = expected_tokens / (verify + depth * draft_level_cost)

@@ -71,7 +71,7 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", default=REFERENCE_DEMO["prompt"], help="reference demo: the user prompt")
     parser.add_argument("--image", help="reference demo: an image file (default: a photo bundled with scikit-image)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: 256: a paragraph)")
     parser.add_argument("--seed", type=int, default=0, help="tiny demo: seed of the target and its prompt (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

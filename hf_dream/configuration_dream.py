@@ -58,6 +58,10 @@ class DreamConfig(PreTrainedConfig):
         target_name_or_path (`str`): Hub id or path of the target, for model cards and checks.
         target_num_hidden_layers (`int`): Number of decoder layers of the target's text model.
         target_image_token_id (`int`): Image placeholder id of the target, if any.
+        target_build (`str`, *optional*): The build of the target the drafter was trained for, when the target
+            records one (the offline reference targets do: `"smolvlm-ref-v2+<weights hash>"`). Using the drafter
+            with another build of the same model warns, naming both: the output stays exact, but the drafter
+            learned another model's features and accepts less.
         entropy_candidate_layers (`list[int]`): Target layers among which the training signal
             for the first draft block is chosen per token by lowest attention entropy (DREAM's
             reference code: `1 .. int(0.4 * L) - 2`).
@@ -88,6 +92,7 @@ class DreamConfig(PreTrainedConfig):
     target_name_or_path: str | None = None
     target_num_hidden_layers: int | None = None
     target_image_token_id: int | None = None
+    target_build: str | None = None
     entropy_candidate_layers: list[int] | None = None
     static_feature_layer: int | None = None
 

@@ -8,6 +8,7 @@ holds no target weights: the target's input embeddings and lm_head are reached t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,15 @@ class DreamDraftModel(DreamPreTrainedModel):
                 f"This DREAM drafter was built for another target ({self.config.target_name_or_path or 'unknown'}): "
                 + "; ".join(mismatches)
                 + ". Build a drafter for this target with `DreamDraftModel.from_target(target)`."
+            )
+        mine, theirs = self.config.target_build, adapter.build_id
+        if mine and theirs and mine != theirs:
+            warnings.warn(
+                f"This DREAM drafter was trained for the target build {mine!r}, but the target is build {theirs!r}: "
+                "the output stays exact, but the drafter learned another model's features and will accept fewer tokens. "
+                "Use the drafter trained for this build (or retrain one).",
+                UserWarning,
+                stacklevel=3,
             )
         return adapter
 

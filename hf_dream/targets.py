@@ -152,7 +152,13 @@ class TargetAdapter:
             "target_name_or_path": self.name_or_path,
             "target_num_hidden_layers": self.num_hidden_layers,
             "target_image_token_id": self.image_token_id,
+            "target_build": self.build_id,
         }
+
+    @property
+    def build_id(self) -> str | None:
+        """The target's build id, if its config records one (`hf_dream_reference_build`: the offline reference targets)."""
+        return getattr(self.config, "hf_dream_reference_build", None)
 
 
 @register_target_adapter

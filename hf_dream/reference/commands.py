@@ -24,7 +24,7 @@ from . import REFERENCE_TARGETS
 from .common import MissingReferenceAsset, git_revision, machine_description, now_iso, torch_threads, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ACTIONS = ("build", "eval", "ask")
+ACTIONS = ("build", "eval", "ask", "make-data", "quality")
 DTYPES = ("float32", "bfloat16")
 OPEN_ENDED_PROMPTS = (
     "Describe the image.",
@@ -35,18 +35,20 @@ OPEN_ENDED_PROMPTS = (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of `hf-dream reference`."""
-    from .smolvlm import TrainingSettings
 
-    defaults = TrainingSettings()
+    from .vision_training import VisionTrainingArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(VisionTrainingArguments)}
     parser.add_argument("action", choices=ACTIONS, help="build: assemble + cache the target; eval: easy-VQA accuracy; ask: one image + prompt")
     parser.add_argument("name", choices=REFERENCE_TARGETS, help="which reference target")
     parser.add_argument("--cache-dir", default=None, help="folder of the built target (none: $HF_DREAM_CACHE/reference/NAME, else ~/.cache/hf_dream/reference/NAME)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads: 1 leaves a core free on shared machines")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build = parser.add_argument_group("build")
-    build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector on easy-VQA first and rewrite the committed weights file")
-    build.add_argument("--steps", type=int, default=defaults.steps, help="build --retrain: optimizer steps")
-    build.add_argument("--batch-size", type=int, default=defaults.batch_size, help="build --retrain: batch size")
+    build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector on the committed instruction data + easy-VQA first (resumable) and rewrite the committed weights file")
+    build.add_argument("--steps", type=int, default=defaults["max_steps"], help="build --retrain: optimizer steps")
+    build.add_argument("--batch-size", type=int, default=defaults["per_device_train_batch_size"], help="build --retrain: batch size")
+    build.add_argument("--max-response-tokens", type=int, default=defaults["max_response_tokens"], help="build --retrain: train on the first N tokens of each response")
     build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
     evaluation = parser.add_argument_group("eval")
@@ -57,6 +59,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--dtype", default="float32", choices=DTYPES, help="eval/ask: dtype the model runs in")
     evaluation.add_argument("--output", default=None, help="eval: write the results JSON here (e.g. benchmarks/reference/smolvlm-ref-accuracy.json)")
     evaluation.add_argument("--dream-check", type=int, default=4, help="eval: prompts on which greedy generate() with a fresh DREAM drafter must equal plain generate (0: skip)")
+    quality = parser.add_argument_group("quality")
+    quality.add_argument("--previous-accuracy", default=None, help="quality: an earlier build's `eval` JSON to compare easy-VQA accuracy with (same --limit: same questions)")
+    data = parser.add_argument_group("make-data")
+    data.add_argument("--num", type=int, default=3200, help="make-data: scene examples (training seeds and wordings) answered by the text model")
+    data.add_argument("--data-batch-size", type=int, default=32, help="make-data: prompts per batched generate() call")
+    data.add_argument("--data-max-new-tokens", type=int, default=192, help="make-data: longest response")
+    data.add_argument("--data-output", default=None, help="make-data: the .jsonl.gz to write (none: the committed hf_dream/reference/data/NAME-instructions.jsonl.gz)")
     ask = parser.add_argument_group("ask")
     ask.add_argument("--image", default=None, help="ask: path of the image (omit for a text-only prompt)")
     ask.add_argument("--prompt", default="What shape is in the image?", help="ask: the user prompt")
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch `hf-dream reference ACTION NAME`; a missing registry package is a clean error, not a traceback."""
     try:
         with torch_threads(args.threads):
-            return {"build": _build, "eval": _eval, "ask": _ask}[args.action](args)
+            return {"build": _build, "eval": _eval, "ask": _ask, "make-data": _make_data, "quality": _quality}[args.action](args)
     except MissingReferenceAsset as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -87,19 +96,25 @@ def _torch_dtype(name: str):
 
 def _build(args: argparse.Namespace) -> int:
     from . import _module
+    from .vision_training import VisionTrainingArguments
 
     target = _module(args.name)
-    settings = dataclasses.replace(target.TrainingSettings(), steps=args.steps, batch_size=args.batch_size, threads=args.threads)
+    training_args = VisionTrainingArguments(
+        output_dir=None, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens
+    ) if args.retrain else None
     weights = Path(args.weights) if args.weights else target.WEIGHTS_PATH
     started = time.perf_counter()
     record = target.build(
-        retrain=args.retrain, settings=settings, cache_dir=args.cache_dir, weights_path=weights,
+        retrain=args.retrain, training_args=training_args, cache_dir=args.cache_dir, weights_path=weights,
         threads=args.threads, progress=not args.no_progress,
     )
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     if args.record:
         path = Path(args.record)
         existing = json.loads(path.read_text()) if path.is_file() else {}
+        weights_file = Path(record["weights"]).resolve()
+        if weights_file.is_relative_to(REPO_ROOT):  # the committed file: recorded relative to the checkout
+            record["weights"] = str(weights_file.relative_to(REPO_ROOT))
         entry = {
             "command": _command_line(args),
             "date": now_iso(),
@@ -117,6 +132,42 @@ def _build(args: argparse.Namespace) -> int:
         write_json(path, dict(sorted(existing.items())))
         print(f"recorded in {path}")
     print(json.dumps({k: record[k] for k in ("cache_dir", "training_seconds", "build_seconds", "wall_seconds")}, indent=2))
+    return 0
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    from .instruction_data import make_data
+
+    if args.num < 1:
+        raise SystemExit(f"--num must be at least 1, not {args.num}")
+    make_data(
+        args.name, args.num, batch_size=args.data_batch_size, max_new_tokens=args.data_max_new_tokens, threads=args.threads,
+        out_path=Path(args.data_output) if args.data_output else None, progress=not args.no_progress, command=_command_line(args),
+    )
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from . import _module, load_reference_target
+    from .quality import evaluate_quality, render_markdown
+
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype))
+    report = {
+        "command": _command_line(args), "date": now_iso(), "git_revision": git_revision(REPO_ROOT), "machine": machine_description(),
+        "target": args.name, "build_id": getattr(model.config, "hf_dream_reference_build", None),
+        "build": _module(args.name).cached_build_info(args.cache_dir),
+    }
+    report.update(evaluate_quality(args.name, model, processor, vqa_limit=args.limit or 1000, batch_size=args.eval_batch_size // 4 or 1,
+                                   progress=not args.no_progress))
+    if args.previous_accuracy:  # an earlier build's `eval` JSON, for the easy-VQA comparison
+        previous = json.loads(Path(args.previous_accuracy).read_text())
+        report["previous_easy_vqa"] = {"source": args.previous_accuracy, **{m: r["accuracy"] for m, r in previous["results"].items()},
+                                       "questions": previous["results"]["real"]["questions"], "build": (previous.get("build") or {}).get("weights_sha256")}
+    if args.output:
+        out = Path(args.output)
+        write_json(out, report)
+        out.with_suffix(".md").write_text(render_markdown(report))
+        print(f"written to {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -256,3 +256,59 @@ def plain_text_config(text_lm):
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     return config
+
+
+# --- versioned builds and the shared retraining step ----------------------------------------------
+BUILD_ID_KEY = "hf_dream_reference_build"  # in the built model's config.json: which recipe + weights it is
+
+
+def build_id(name: str, version: str, weights_sha256: str) -> str:
+    """'smolvlm-ref-v2+1a2b3c4d5e6f': the target, its recipe version and the first 12 hex digits of its trained weights."""
+    return f"{name}-{version}+{weights_sha256[:12]}"
+
+
+def weights_version(path: Path) -> str:
+    """The build version a trained-weights file was made for (its safetensors metadata `build_version`; none: "v1",
+    the files written before builds were versioned)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return "v1"  # the loader's own error (with the retrain command) follows
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("build_version", "v1")
+
+
+def finish_build(name: str, version: str, retrained: bool, weights_path: Path, out_dir: Path, model, processor, trained_modules,
+                 spec, training: dict[str, Any] | None, started: float) -> dict[str, Any]:
+    """Record the build (its id in the record and in the model's config, so a drafter can name the build it was
+    trained for) and save it to `out_dir` atomically. `started` is the build's `time.perf_counter()` start."""
+    import time
+
+    record = build_record(name, retrained, weights_path, out_dir, model, trained_modules, spec, training, time.perf_counter() - started)
+    record["build_version"] = version
+    record["build_id"] = build_id(name, version, record["weights_sha256"])
+    setattr(model.config, BUILD_ID_KEY, record["build_id"])
+    save_started = time.perf_counter()
+    save_build(model, processor, out_dir, record)
+    record["save_seconds"] = round(time.perf_counter() - save_started, 1)
+    return record
+
+
+def retrain_vision(name: str, model, recipe, training_args, out_dir: Path, progress: bool, log) -> dict[str, Any]:
+    """Train the vision part of reference target `name` on its committed instruction data with the shared loop.
+
+    Checkpoints go to `<cache>/reference/<name>-vision-training` (unless `training_args.output_dir` says
+    otherwise); a rerun resumes from the newest one, and they are removed once the weights are written."""
+    import shutil
+
+    from .instruction_data import data_path, read_examples
+    from .vision_training import VisionTrainingArguments, train_vision
+
+    examples = read_examples(data_path(name))  # a clear error naming `make-data` if it is missing
+    args = training_args or VisionTrainingArguments()
+    if args.output_dir is None or args.output_dir == "trainer_output":
+        args.output_dir = str(out_dir.parent / f"{out_dir.name}-vision-training")
+    args.disable_tqdm = not progress
+    training = train_vision(model, recipe, examples, args, log=log)
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # finished: a later retrain starts over
+    return training

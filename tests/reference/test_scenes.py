@@ -81,3 +81,31 @@ def test_quality_helpers():
     assert not names_object("A big grey shape.", "gray", "ellipse")
     scene = next(s for s in map(scenes.scene_from_seed, range(100)) if {o.size for o in s.objects} >= {"large", "small"})
     assert main_object(scene).size == "large"
+
+
+def test_quality_report_runs_end_to_end_on_a_tiny_target():
+    """Every measurement of `hf-dream reference quality` runs and lands in the report and its Markdown page."""
+    import importlib.util
+
+    if importlib.util.find_spec("easy_vqa") is None or importlib.util.find_spec("skimage") is None:
+        pytest.skip("needs easy-vqa and scikit-image")
+    import test_smolvlm_reference as smolvlm_tests
+
+    from hf_dream.reference import smolvlm
+    from hf_dream.reference.quality import evaluate_quality, render_markdown
+
+    tokenizer = smolvlm_tests.tiny_tokenizer()
+    processor = smolvlm.build_processor(tokenizer)
+    model = smolvlm.assemble(smolvlm_tests.tiny_text_lm(len(tokenizer) - len(smolvlm.ADDED_TOKENS)), tokenizer)
+    report = evaluate_quality("smolvlm-ref", model, processor, num_open=2, num_grounding=2, num_agreement=2, vqa_limit=4,
+                              batch_size=4, progress=False, log=lambda _: None)
+    report.update(target="smolvlm-ref", build_id="tiny", command="test", date="now")
+    shipped = report["open_ended"]["shipped_config"]
+    photos = sum(a["source"] != "scene" for a in shipped["answers"])
+    assert photos >= 8 and shipped["length"]["n"] == len(shipped["answers"]) == 2 + photos  # 2 scenes + the bundled photos
+    assert 0 <= shipped["loop_share"] <= 1 and report["open_ended"]["no_repetition_penalty"]["length"]["n"] == 2 + photos
+    assert set(report["grounding"]) == {"real_image", "other_scene_image"}
+    assert 0 <= report["text_model_agreement"]["position_match_rate_first_32"] <= 1
+    assert set(report["easy_vqa"]) == {"real", "blank", "shuffled"}
+    page = render_markdown(report)
+    assert "degenerate loops" in page and "easy-VQA" in page

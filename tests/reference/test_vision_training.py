@@ -1,0 +1,141 @@
+"""The one vision-training loop (`hf_dream.reference.vision_training`), on tiny stand-ins of both reference targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import test_gemma3_reference as gemma3_tests
+import test_smolvlm_reference as smolvlm_tests
+import torch
+import torch.nn.functional as F
+
+from hf_dream.reference import gemma3, smolvlm
+from hf_dream.reference.instruction_data import example_plan
+from hf_dream.reference.scenes import PLACES, scene_from_seed
+from hf_dream.reference.vision_training import (
+    GRID,
+    PROBE_COLORS,
+    PROBE_SHAPES,
+    VisionTrainingArguments,
+    VisionTrainingModel,
+    VisionTrainingSet,
+    collate,
+    train_vision,
+)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="needs `pip install easy-vqa==1.0`")
+
+
+def tiny_target(name: str):
+    """(model, processor, recipe) of a tiny stand-in for reference target `name`, assembled like the real one."""
+    if name == "smolvlm-ref":
+        tokenizer = smolvlm_tests.tiny_tokenizer()
+        processor = smolvlm.build_processor(tokenizer)
+        model = smolvlm.assemble(smolvlm_tests.tiny_text_lm(len(tokenizer) - len(smolvlm.ADDED_TOKENS)), tokenizer)
+        return model, processor, smolvlm.vision_recipe(model, processor)
+    model, processor, _ = gemma3_tests.tiny.__wrapped__()
+    return model, processor, gemma3.vision_recipe(model, processor)
+
+
+def responses(num: int):
+    return [dataclasses.replace(e, response="A red circle and a blue star.", response_tokens=9, finished=i % 2 == 0)
+            for i, e in enumerate(example_plan(num))]
+
+
+def args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, warmup_steps=1, save_steps=1,
+                  logging_steps=1, disable_tqdm=True, vqa_fraction=0.25)
+    values.update(overrides)
+    return VisionTrainingArguments(**values)
+
+
+@pytest.fixture(params=["smolvlm-ref", "gemma3-ref"])
+def target(request):
+    return (request.param, *tiny_target(request.param))
+
+
+def test_examples_mix_scenes_and_easy_vqa_with_right_probe_labels(target, tmp_path):
+    name, model, processor, recipe = target
+    dataset = VisionTrainingSet(recipe, responses(6), args(tmp_path))
+    scenes = [e for e in dataset.examples if e.image[0] == "scene"]
+    vqa = [e for e in dataset.examples if e.image[0] == "easy-vqa"]
+    assert len(scenes) == 6 and len(vqa) == 2  # 25% of the mix
+    for example in scenes:
+        scene = scene_from_seed(example.image[1])
+        for obj in scene.objects:
+            shape, color = example.cells[obj.cell[1] * GRID + obj.cell[0]]
+            assert (PROBE_SHAPES[shape], PROBE_COLORS[color]) == (obj.shape, obj.color)
+        assert sum(c != (-1, -1) for c in example.cells) == len(scene.objects)
+    assert all(e.cells is None and len(e.response_ids) <= 3 for e in vqa)  # one-word answers
+    batch = collate(recipe, [dataset[i] for i in range(4)])
+    for row, example in enumerate(dataset.examples[:4]):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert labelled == example.response_ids
+    assert len(PLACES) == GRID * GRID
+
+
+def test_responses_are_cut_to_max_response_tokens(target, tmp_path):
+    _, _, _, recipe = target
+    long = [dataclasses.replace(e, response="word " * 60, finished=False) for e in example_plan(2)]
+    dataset = VisionTrainingSet(recipe, long, args(tmp_path, max_response_tokens=7, vqa_fraction=0.0))
+    assert all(len(e.response_ids) == 7 for e in dataset.examples)
+
+
+def test_training_loss_is_the_models_own_loss(target, tmp_path):
+    """Label-only logits in the training forward compute exactly the cross-entropy of the model's own forward."""
+    name, model, processor, recipe = target
+    dataset = VisionTrainingSet(recipe, responses(3), args(tmp_path, vqa_fraction=0.0))
+    batch = collate(recipe, [dataset[i] for i in range(3)])
+    wrapper = VisionTrainingModel(model, recipe)
+    wrapper.probe_weight = 0.0
+    with torch.no_grad():
+        wrapper(**batch)
+        ours = wrapper.last_metrics["answer_loss"]
+        extra = recipe.forward_inputs(batch["input_ids"], batch["pixel_values"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert ours == pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_train_moves_only_the_vision_part_checkpoints_small_and_resumes(target, tmp_path):
+    name, model, processor, recipe = target
+    connector = next(recipe.connector.parameters())
+    before, text_before = connector.detach().clone(), next(recipe.text_model.parameters()).detach().clone()
+    logs = []
+    summary = train_vision(model, recipe, responses(6), args(tmp_path), log=logs.append)
+    assert summary["steps"] == 2 and summary["final_answer_loss"] > 0 and len(summary["log_history"]) == 2
+    assert not torch.equal(before, connector)
+    text_after = next(recipe.text_model.parameters())
+    assert torch.equal(text_before, text_after) and text_after.dtype == torch.float32  # frozen, and exact float32 again
+    checkpoint = tmp_path / "run" / "checkpoint-2" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("text_model" in k or "language_model" in k or "lm_head" in k for k in keys)
+    summary = train_vision(model, recipe, responses(6), args(tmp_path, max_steps=3), log=logs.append)
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
+    assert any("resuming" in line for line in logs)
+
+
+def test_probe_only_scenes_are_fresh_training_scenes_and_reach_the_probe(target, tmp_path):
+    from hf_dream.reference.scenes import TRAIN
+    from hf_dream.reference.vision_training import VisionCollator
+
+    name, model, processor, recipe = target
+    dataset = VisionTrainingSet(recipe, responses(4), args(tmp_path, vqa_fraction=0.0))
+    collator = VisionCollator(recipe, probe_scenes_per_step=3)
+    first, second = collator([dataset[0], dataset[1]]), collator([dataset[2], dataset[3]])
+    assert first["probe_pixel_values"].shape[0] == 3 and first["probe_cells"].shape[0] == 2 + 3
+    assert not torch.equal(first["probe_pixel_values"], second["probe_pixel_values"])  # new scenes every batch
+    response_seeds = {e.image[1] for e in dataset.examples}
+    assert TRAIN.seed(VisionCollator.PROBE_SEED_OFFSET) not in response_seeds
+    wrapper = VisionTrainingModel(model, recipe)
+    wrapper.probe_weight = 1.0
+    with torch.no_grad():
+        with_extra = wrapper(**first)["loss"]
+        without = wrapper(**{k: v[:2] if k.startswith("probe_") and k != "probe_pixel_values" else v
+                             for k, v in first.items() if k != "probe_pixel_values"})["loss"]
+    assert with_extra != without

@@ -60,40 +60,78 @@ class DreamDraftOutput(ModelOutput):
     first_block_hidden: torch.Tensor | None = None
 
 
-class DreamFeatureMemory:
-    """Target features the drafter attends to, one entry per sequence position.
+# The feature memory grows in steps of this many positions (fewer reallocations while decoding).
+MEMORY_GROWTH = 64
 
-    Holds the raw features (for the EAGLE-style `concat` fusion and for reuse) and, for the
-    cross-attention fusion, their key/value projections, computed once per position. Entries
-    can be speculative (the drafter's own features for drafted tokens) and are cropped away
-    once the target's real features of the accepted tokens arrive.
+
+class DreamFeatureMemory:
+    """Target features the drafter attends to: slot p of row r holds the target's last-layer
+    feature at row r's own sequence position p (padding excluded). The one memory of every
+    decoding mode (chain, tree, batch) and of training.
+
+    Holds the raw features (for the EAGLE-style `concat` fusion) and, for the cross-attention
+    fusion, their key/value projections, computed once per position. Slots are written, not
+    appended, because rows sit at different positions. A slot at or after a row's frontier may
+    hold a stale value (a rejected draft's feature, or the drafter's own estimate): a query at
+    position p reads slots `< p` only, and every slot is rewritten before a query can read it.
     """
 
-    def __init__(self, model: DreamDraftModel):
+    def __init__(self, model: DreamDraftModel, features=None, keys=None, values=None):
         self.model = model
-        self.features: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.features: torch.Tensor | None = features
+        self.keys: torch.Tensor | None = keys
+        self.values: torch.Tensor | None = values
 
     def __len__(self) -> int:
         return 0 if self.features is None else self.features.shape[1]
 
-    def append(self, features: torch.Tensor) -> None:
-        """Add `features (batch, n, hidden)` for the next n positions, projecting their keys/values (cross fusion)."""
+    def project(self, features: torch.Tensor):
+        """`(features, keys, values)` for `features (rows, n, hidden)`: keys/values are None without cross-attention."""
         features = features.to(self.model.dtype)
-        self.features = features if self.features is None else torch.cat([self.features, features], dim=1)
-        if self.model.cross_block is not None:
-            keys, values = self.model.cross_block.cross_attn.project_memory(features)
-            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
-            self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        if self.model.cross_block is None:
+            return features, None, None
+        return (features, *self.model.cross_block.cross_attn.project_memory(features))
 
-    def crop(self, length: int) -> None:
-        """Keep only the first `length` positions (drops speculative entries); no-op if already that short."""
-        if self.features is None or length >= len(self):
-            return
-        self.features = self.features[:, :length]
-        if self.keys is not None:
-            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+    def write(self, features: torch.Tensor, start, keys=None, values=None) -> None:
+        """Write `features (rows, n, hidden)` at slots `start[r] .. start[r] + n - 1` of each row
+        (`start` an int or a `(rows,)` tensor); `keys`/`values` are their projections if already known."""
+        if keys is None:
+            features, keys, values = self.project(features)
+        rows, count, hidden = features.shape
+        start = torch.as_tensor(start, device=features.device).reshape(-1).expand(rows)
+        needed = int((start + count).max())
+        if self.features is None:
+            self.features = features.new_zeros(rows, needed, hidden)
+            if keys is not None:
+                self.keys = keys.new_zeros(rows, keys.shape[1], needed, keys.shape[-1])
+                self.values = values.new_zeros(rows, values.shape[1], needed, values.shape[-1])
+        elif needed > len(self):
+            grow = max(needed - len(self), MEMORY_GROWTH)
+            self.features = F.pad(self.features, (0, 0, 0, grow))
+            if self.keys is not None:
+                self.keys, self.values = F.pad(self.keys, (0, 0, 0, grow)), F.pad(self.values, (0, 0, 0, grow))
+        slots = start[:, None] + torch.arange(count, device=features.device)
+        self.features.scatter_(1, slots[..., None].expand(-1, -1, hidden), features.to(self.features.dtype))
+        if keys is not None:
+            kv_slots = slots[:, None, :, None].to(self.keys.device).expand(-1, keys.shape[1], -1, keys.shape[-1])
+            self.keys.scatter_(2, kv_slots, keys.to(self.keys.dtype))
+            self.values.scatter_(2, kv_slots, values.to(self.values.dtype))
+
+    def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows`, in that order (finished rows leave the batch)."""
+        if self.features is not None:
+            self.features, self.keys, self.values = self._rows(rows)
+
+    def fork(self, rows: torch.LongTensor, length: int) -> DreamFeatureMemory:
+        """A new memory whose row i is a copy of row `rows[i]`'s first `length` slots (speculative
+        rows, e.g. tree nodes, then write their own ancestors' features after them)."""
+        features, keys, values = self._rows(rows, length)
+        return DreamFeatureMemory(self.model, features, keys, values)
+
+    def _rows(self, rows, length=None):
+        rows = rows.to(self.features.device)
+        pick = lambda t, dim: None if t is None else t.index_select(0, rows).narrow(dim, 0, t.shape[dim] if length is None else min(length, t.shape[dim]))  # noqa: E731
+        return pick(self.features, 1), pick(self.keys, 2), pick(self.values, 2)
 
 
 class DreamCrossAttention(nn.Module):
@@ -203,7 +241,9 @@ class DreamDraftModel(DreamPreTrainedModel):
             self.draft_vocab = None
         self.target_adapter: TargetAdapter | None = None
         self.last_stats: dict | None = None
-        self.batch_rows: list[int] | None = None  # set during batched decoding (see BatchedDrafter)
+        # the input batch row of every row of the drafter's current forward, set by the custom
+        # decoding loops (`DrafterState`) for row-keyed test drafters; None otherwise
+        self.batch_rows: list[int] | None = None
         self.post_init()
 
     # --- target ----------------------------------------------------------------------------
@@ -282,7 +322,7 @@ class DreamDraftModel(DreamPreTrainedModel):
         """An empty [`DreamFeatureMemory`] for this drafter, or one holding `target_features` if given."""
         memory = DreamFeatureMemory(self)
         if target_features is not None:
-            memory.append(target_features)
+            memory.write(target_features, 0)
         return memory
 
     def forward(

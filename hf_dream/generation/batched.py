@@ -35,8 +35,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
@@ -53,9 +51,10 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
-from .candidate_generator import new_stats
-from .tree import _prefill, check_compactable
+from .drafter_state import DrafterState
+from .kv_cache import RaggedCache, check_compactable
+from .stats import DecodingStats
+from .tree import _prefill
 from .validation import check_custom_masks, check_dream_call
 
 # Processors whose output for a row depends on that row's scores only, never on its prefix or
@@ -73,10 +72,6 @@ ROW_WISE_PROCESSORS = (
     LogitNormalization,
 )
 
-# Stop compacting a hole-tolerant cache until the columns it would save exceed this fraction.
-DEFAULT_MAX_WASTE = 0.25
-# The drafter's feature memory grows in steps of this many positions (fewer reallocations).
-MEMORY_GROWTH = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,360 +157,6 @@ class RowStopper:
 
 
 # ---------------------------------------------------------------------------------------------
-# A KV cache whose rows hold different numbers of real entries
-# ---------------------------------------------------------------------------------------------
-class RaggedCache:
-    """A `DynamicCache` shared by rows of different lengths, plus `valid (rows, columns)`: which
-    cache columns hold real entries of each row (left padding and rejected drafts do not).
-
-    Every forward appends the same number of columns to every row; the invalid ones are masked
-    out through the 2-D attention mask (`attention_mask(new)`), and each row gets explicit
-    position ids, so a row never sees another row's padding or its own rejected drafts.
-
-    `contiguous=True` (the target has sliding-window layers): sliding windows are counted in
-    cache columns, so every row must stay a contiguous block at the right end of the cache, as in
-    plain left-padded generate. Rows are then compacted after every round that left holes.
-    Otherwise holes are harmless and the cache is compacted only when that would remove more than
-    `max_waste` of its columns, so copies stay amortised O(1) per generated token.
-    """
-
-    def __init__(self, cache, valid: torch.BoolTensor, contiguous: bool = False, max_waste: float = DEFAULT_MAX_WASTE):
-        self.cache = cache
-        self.valid = valid
-        self.contiguous = contiguous
-        self.max_waste = max_waste
-        self.compactions = 0
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    def attention_mask(self, new) -> torch.LongTensor:
-        """2-D mask for a forward that appends columns: `new` is their count (all real) or their
-        `(rows, count)` validity (a left-padded block)."""
-        if isinstance(new, int):
-            new = self.valid.new_ones(self.valid.shape[0], new)
-        return torch.cat([self.valid, new.to(self.valid.device)], dim=1).long()
-
-    def extend(self, new_valid: torch.BoolTensor) -> None:
-        """Record the columns the last forward appended (which of them are real, per row)."""
-        self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=1)
-
-    def drop_last(self, count: int) -> None:
-        """Remove the last `count` columns of every row."""
-        if count <= 0:
-            return
-        for layer in self._layers():
-            stored = layer.keys.shape[-2]
-            layer.keys, layer.values = layer.keys[..., : stored - count, :], layer.values[..., : stored - count, :]
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                layer.cumulative_length -= count
-        self.valid = self.valid[:, :-count]
-
-    def select_rows(self, rows: torch.LongTensor) -> None:
-        """Keep only `rows` (finished rows leave the batch)."""
-        for layer in self._layers():
-            index = rows.to(layer.keys.device)
-            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        self.valid = self.valid.index_select(0, rows.to(self.valid.device))
-
-    def settle(self) -> None:
-        """After a round: drop columns no row uses at the end, compact if the policy says so, and
-        bring sliding-window layers back to their window."""
-        real_columns = self.valid.any(dim=0)
-        trailing = self.length - (int(real_columns.nonzero().max()) + 1 if real_columns.any() else 0)
-        self.drop_last(trailing)
-        counts = self.valid.sum(dim=1)
-        if self.contiguous:
-            right_aligned = torch.arange(self.length, device=counts.device)[None] >= (self.length - counts)[:, None]
-            if not torch.equal(self.valid, right_aligned):
-                self.compact()
-        elif self.length - int(counts.max()) > self.max_waste * self.length:
-            self.compact()
-        self._trim_sliding()
-
-    def compact(self) -> None:
-        """Gather every row's real entries, in order, into a right-aligned (left-padded) layout of
-        `max(real entries)` columns."""
-        length = self.length
-        counts = self.valid.sum(dim=1)
-        new_length = int(counts.max())
-        # a stable sort puts each row's invalid columns first and its valid ones after, in order
-        order = torch.sort(self.valid.to(torch.int32), dim=1, stable=True).indices
-        index = order[:, length - new_length :]
-        for layer in self._layers():
-            stored = layer.keys.shape[-2]
-            layer_index = index
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                # The layer stores the last `stored` columns only. A row's last `window - 1` real
-                # entries all lie in them (the layout was contiguous before this round's pass,
-                # whose entries were all kept by past recording), so only padding maps below it.
-                keep = min(new_length, layer.sliding_window - 1)
-                layer_index = (index[:, new_length - keep :] - (length - stored)).clamp(min=0)
-                layer.cumulative_length = new_length
-            layer_index = layer_index.to(layer.keys.device)
-            gather = layer_index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-        self.valid = torch.arange(new_length, device=counts.device)[None] >= (new_length - counts)[:, None]
-        self.compactions += 1
-
-    def _trim_sliding(self) -> None:
-        for layer in self._layers():
-            if isinstance(layer, DynamicSlidingWindowLayer) and layer.keys.shape[-2] > layer.sliding_window - 1:
-                layer.keys = layer.keys[:, :, -layer.sliding_window + 1 :]
-                layer.values = layer.values[:, :, -layer.sliding_window + 1 :]
-
-    def _layers(self):
-        for layer in self.cache.layers:
-            if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
-                yield layer
-
-
-# ---------------------------------------------------------------------------------------------
-# The drafter's per-row state
-# ---------------------------------------------------------------------------------------------
-class BatchedFeatureMemory:
-    """The target features the drafter attends to, one slot per sequence position of each row
-    (slot p of row r: the target's last-layer feature at row r's own position p, padding
-    excluded). Quacks like [`DreamFeatureMemory`] for `DreamDraftModel.forward`.
-
-    Slots are written, not appended, because rows sit at different positions. A slot at or
-    after a row's frontier may hold a stale value (a rejected draft's feature, or the drafter's
-    own estimate); it is always rewritten before any query can read it, because a query at
-    position p reads slots `< p` only.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.features: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.features is None else self.features.shape[1]
-
-    def write(self, features: torch.Tensor, start: torch.LongTensor) -> None:
-        """Write `features (rows, n, hidden)` at slots `start[r] .. start[r] + n - 1` of each row."""
-        features = features.to(self.model.dtype)
-        rows, count, hidden = features.shape
-        needed = int((start + count).max())
-        keys = values = None
-        if self.model.cross_block is not None:
-            keys, values = self.model.cross_block.cross_attn.project_memory(features)
-        if self.features is None:
-            size = max(needed, MEMORY_GROWTH)
-            self.features = features.new_zeros(rows, size, hidden)
-            if keys is not None:
-                self.keys = keys.new_zeros(rows, keys.shape[1], size, keys.shape[-1])
-                self.values = values.new_zeros(rows, values.shape[1], size, values.shape[-1])
-        elif needed > len(self):
-            grow = max(needed - len(self), MEMORY_GROWTH)
-            self.features = F.pad(self.features, (0, 0, 0, grow))
-            if self.keys is not None:
-                self.keys, self.values = F.pad(self.keys, (0, 0, 0, grow)), F.pad(self.values, (0, 0, 0, grow))
-        slots = (start[:, None] + torch.arange(count, device=start.device)).to(features.device)
-        self.features.scatter_(1, slots[..., None].expand(-1, -1, hidden), features)
-        if keys is not None:
-            kv_slots = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-            self.keys.scatter_(2, kv_slots, keys.to(self.keys.dtype))
-            self.values.scatter_(2, kv_slots, values.to(self.values.dtype))
-
-    def select_rows(self, rows: torch.LongTensor) -> None:
-        """Keep only `rows` of the features and their cross-attention keys/values (finished rows leave the batch)."""
-        if self.features is None:
-            return
-        rows = rows.to(self.features.device)
-        self.features = self.features.index_select(0, rows)
-        if self.keys is not None:
-            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-
-
-class BatchedDrafter:
-    """A [`DreamDraftModel`]'s verified state for a batch of rows: its KV cache (a
-    [`RaggedCache`], rows left-padded, holes where a row caught up with fewer tokens than
-    another), its [`BatchedFeatureMemory`], each row's draft length and visual-token compression
-    at prefill. The batched counterpart of [`DreamCandidateGenerator`]'s `start_prefill` /
-    `catch_up` / `_draft`; rows can leave the batch at any round (`select_rows`).
-
-    While it runs, `drafter.batch_rows` lists the input batch row of every row of the drafter's
-    current forward (rows leave as they finish): for debugging and for row-keyed test drafters.
-    """
-
-    def __init__(self, target, drafter, batch_size: int, device):
-        self.drafter = drafter
-        self.rows = list(range(batch_size))
-        drafter.batch_rows = self.rows
-        self.adapter = drafter.attach_target(target)
-        self.cache = RaggedCache(DynamicCache(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
-        self.memory = BatchedFeatureMemory(drafter)
-        self.num_draft_tokens = torch.full((batch_size,), drafter.config.num_draft_tokens, dtype=torch.long, device=device)
-        # "auto" models one row's verification cost; a batch drafts num_draft_tokens per row instead
-        self.adaptive = drafter.config.draft_schedule == "heuristic"
-        self._recorder: AttentionInputRecorder | None = None
-
-    # --- prefill -----------------------------------------------------------------------------
-    def start_prefill(self, input_ids) -> None:
-        """Call before the target's prefill: records what ranks visual tokens for compression."""
-        if self.drafter.config.visual_keep_ratio < 1.0 and self.adapter.image_token_mask(input_ids).any():
-            attention = self.adapter.decoder_layers[-1].self_attn
-            self._recorder = AttentionInputRecorder({0: attention}).start()
-
-    def _kept_positions(self, input_ids, prompt_mask) -> tuple[list[torch.LongTensor], list[int], list[int]]:
-        """Per row: the (unpadded) prompt positions the drafter sees after visual-token
-        compression, and its numbers of visual and kept visual tokens. Importance is computed on
-        each row's own unpadded slice, exactly as for that prompt alone."""
-        image_mask = self.adapter.image_token_mask(input_ids)
-        recorded = None
-        if self._recorder is not None:
-            self._recorder.stop()
-            recorded = self._recorder.inputs[0]
-            self._recorder = None
-        kept, visual, visual_kept = [], [], []
-        for row in range(input_ids.shape[0]):
-            real = prompt_mask[row].nonzero().squeeze(-1)
-            row_images = image_mask[row, real][None]
-            keep = torch.ones_like(row_images)
-            if recorded is not None and row_images.any():
-                hidden_states, position_embeddings = recorded
-                if position_embeddings is not None:
-                    position_embeddings = tuple(
-                        (t[row : row + 1] if t.shape[0] > 1 else t)[:, real] for t in position_embeddings
-                    )
-                attention = self.adapter.decoder_layers[-1].self_attn
-                importance = attention_received(attention, hidden_states[row : row + 1, real], position_embeddings)
-                keep = select_visual_tokens(importance, row_images, self.drafter.config.visual_keep_ratio)
-            kept.append(keep[0].nonzero().squeeze(-1))
-            visual.append(int(row_images.sum()))
-            visual_kept.append(int((keep & row_images).sum()))
-        return kept, visual, visual_kept
-
-    def prefill(self, input_ids, prompt_mask, prompt_embeds, features, first_tokens):
-        """The drafter's first pass after the target's prefill: every row's kept prompt tokens
-        (with the target's image-merged input embeddings) and its first new token, left-padded
-        into one block. Returns the drafter output and the per-row visual-token counts."""
-        rows, width = input_ids.shape
-        prompt_lengths = prompt_mask.sum(dim=1)
-        pads = width - prompt_lengths
-        # memory slot p of a row = the target's feature at that row's own position p
-        slots = torch.arange(int(prompt_lengths.max()), device=input_ids.device)
-        index = (pads[:, None] + slots).clamp(max=width - 1)
-        aligned = features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]).to(features.device))
-        self.memory.write(aligned, torch.zeros(rows, dtype=torch.long, device=input_ids.device))
-
-        kept, visual, visual_kept = self._kept_positions(input_ids, prompt_mask)
-        block = max(len(k) for k in kept) + 1
-        embeds = prompt_embeds.new_zeros(rows, block, prompt_embeds.shape[-1])
-        positions = torch.zeros(rows, block, dtype=torch.long, device=input_ids.device)
-        valid = torch.zeros(rows, block, dtype=torch.bool, device=input_ids.device)
-        first_embeds = self.adapter.embed(first_tokens[:, None])
-        for row in range(rows):
-            count = len(kept[row])
-            start = block - count - 1
-            embeds[row, start:-1] = prompt_embeds[row, int(pads[row]) + kept[row]]
-            embeds[row, -1] = first_embeds[row, 0]
-            positions[row, start:-1] = kept[row]
-            positions[row, -1] = prompt_lengths[row]
-            valid[row, start:] = True
-        output = self.drafter(embeds, positions, memory=self.memory, attention_mask=self.cache.attention_mask(valid), cache=self.cache.cache)
-        self.cache.extend(valid)
-        return output, visual, visual_kept
-
-    # --- rounds ------------------------------------------------------------------------------
-    def draft(self, output, lengths, limits, logits_processor, do_sample: bool, stopper: RowStopper, prefixes, batch_size: int):
-        """Draft up to `limits[r]` tokens per row, in lockstep, from `output` (the drafter's output
-        whose last column is each row's last token, at position `lengths[r] - 1`).
-
-        `prefixes()` gives each row's padded sequence (for the logits processors). A row
-        stops drafting after its limit or a drafted EOS; the lockstep goes on while any row
-        drafts, and the later tokens of stopped rows are ignored. Returns `(drafts (rows, k),
-        processed draft scores (rows, k, vocab) when sampling, drafted count per row, drafter
-        forwards run)`; the forwards left speculative columns in the drafter cache.
-        """
-        rows = lengths.shape[0]
-        num_steps = int(limits.max()) if rows else 0
-        stopped = limits <= 0
-        counts = torch.zeros_like(limits)
-        tokens, processed = [], []
-        forwards = 0
-        logits = self.drafter.to_target_vocab(output.logits[:, -1].float())
-        for step in range(num_steps):
-            def step_prefixes(step=step):
-                drafted = torch.stack(tokens, dim=1).cpu() if tokens else None
-                return [p if drafted is None else torch.cat([p, drafted[i]]) for i, p in enumerate(prefixes())]
-
-            scores = process_rows(logits_processor, logits, step_prefixes, self.rows, batch_size)
-            if do_sample:
-                token = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(-1)
-            else:
-                token = scores.argmax(dim=-1)
-            tokens.append(token)
-            processed.append(scores)
-            counts += (~stopped).long()
-            stopped = stopped | (counts >= limits) | stopper.is_eos(token)
-            if step == num_steps - 1 or bool(stopped.all()):
-                break
-            # The drafted token's position sees the drafter's own feature of the previous position
-            # until the target has verified it (rewritten in the next `catch_up`).
-            self.memory.write(output.features[:, -1:], lengths - 1 + step)
-            output = self.drafter(
-                self.adapter.embed(token[:, None]),
-                (lengths + step)[:, None],
-                memory=self.memory,
-                attention_mask=self.cache.attention_mask(1),
-                cache=self.cache.cache,
-            )
-            self.cache.extend(torch.ones(rows, 1, dtype=torch.bool, device=lengths.device))
-            forwards += 1
-            logits = self.drafter.to_target_vocab(output.logits[:, -1].float())
-        if not tokens:
-            return lengths.new_zeros(rows, 0), None, counts, forwards
-        drafts = torch.stack(tokens, dim=1)
-        return drafts, (torch.stack(processed, dim=1) if do_sample else None), counts, forwards
-
-    def catch_up(self, new_tokens: list[list[int]], starts: torch.LongTensor, features: torch.Tensor):
-        """Replace the speculative state by the target's verified features and run the drafter over
-        every row's new tokens (its accepted drafts and the bonus token).
-
-        `features (rows, k + 1, hidden)` are the target's last-layer features of the verification
-        pass, which covered positions `starts[r] - 1 ...` of each row (the first
-        `len(new_tokens[r])` of them are now part of the sequence). Returns the drafter output;
-        the block is left-padded, so its last column is every row's last token."""
-        self.memory.write(features, starts - 1)
-        rows = len(new_tokens)
-        counts = torch.tensor([len(t) for t in new_tokens], device=starts.device)
-        block = int(counts.max())
-        ids = torch.zeros(rows, block, dtype=torch.long, device=starts.device)
-        for row, tokens in enumerate(new_tokens):
-            ids[row, block - len(tokens) :] = torch.tensor(tokens, device=starts.device)
-        columns = torch.arange(block, device=starts.device)[None]
-        valid = columns >= (block - counts)[:, None]
-        # padding sits at position 0: it reads no memory slot, and its outputs are discarded
-        positions = torch.where(valid, starts[:, None] + columns - (block - counts)[:, None], 0)
-        output = self.drafter(
-            self.adapter.embed(ids), positions, memory=self.memory, attention_mask=self.cache.attention_mask(valid), cache=self.cache.cache
-        )
-        self.cache.extend(valid)
-        self.cache.settle()
-        return output
-
-    def select_rows(self, rows: torch.LongTensor) -> None:
-        """Keep only `rows` (finished rows leave the batch): row ids, KV cache, feature memory and draft lengths."""
-        self.rows = [self.rows[i] for i in rows.tolist()]
-        self.drafter.batch_rows = self.rows
-        self.cache.select_rows(rows)
-        self.memory.select_rows(rows)
-        self.num_draft_tokens = self.num_draft_tokens.index_select(0, rows.to(self.num_draft_tokens.device))
-
-    def update_schedule(self, drafted: torch.LongTensor, accepted: torch.LongTensor) -> None:
-        """transformers' "heuristic" schedule, per row: grow after a fully accepted draft, shrink otherwise."""
-        if not self.adaptive:
-            return
-        drafted_rows = drafted > 0
-        grown = torch.where(accepted == drafted, self.num_draft_tokens + 2, (self.num_draft_tokens - 1).clamp(min=1))
-        self.num_draft_tokens = torch.where(drafted_rows, grown, self.num_draft_tokens)
-
-
-# ---------------------------------------------------------------------------------------------
 # Acceptance
 # ---------------------------------------------------------------------------------------------
 def greedy_accept(drafts: torch.LongTensor, counts: torch.LongTensor, target_scores: torch.Tensor):
@@ -562,63 +203,6 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     total = residual.sum(dim=-1, keepdim=True)
     # p == q up to rounding leaves nothing to redistribute: fall back to p itself
     return torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), p)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-def new_batch_stats(batch_size: int) -> dict:
-    """Decoding statistics of a batched call (`drafter.last_stats`).
-
-    Batch-level keys keep their batch-1 meaning, summed over rows:
-      - `target_passes`: target forwards (prefill included), shared by all rows of a pass;
-      - `drafted_tokens` / `accepted_tokens` / `new_tokens`: totals over rows;
-      - `acceptance_length`: `new_tokens / row_passes`, i.e. the mean number of tokens a row
-        gains per target pass it takes part in (`row_passes` sums the active rows of every pass;
-        for batch size 1 this is exactly the batch-1 `acceptance_length`);
-      - `tokens_per_pass`: `new_tokens / target_passes`, what the whole batch gains per forward;
-      - `accepted_per_pass` / `drafted_per_pass` / `active_rows_per_pass`: per pass, summed over
-        the rows that took part (`drafted_per_pass` has no entry for the prefill);
-      - `visual_tokens` / `visual_tokens_kept`: totals over rows;
-      - `target_cache_compactions`: how often the target's cache rows were re-packed.
-    `rows[r]` holds row r's own statistics with the batch-1 keys (its passes are the ones it took
-    part in), so each row reads exactly as the same prompt decoded alone would.
-    """
-    stats = new_stats()
-    stats.update(
-        batch_size=batch_size,
-        row_passes=0,
-        tokens_per_pass=0.0,
-        active_rows_per_pass=[],
-        target_cache_compactions=0,
-        rows=[new_stats() for _ in range(batch_size)],
-    )
-    return stats
-
-
-def _record_pass(stats: dict, rows: list[int], drafted: list[int], accepted: list[int], new: list[int]) -> None:
-    stats["target_passes"] += 1
-    stats["row_passes"] += len(rows)
-    stats["active_rows_per_pass"].append(len(rows))
-    first = not stats["accepted_per_pass"]
-    if not first:
-        stats["drafted_per_pass"].append(sum(drafted))
-    stats["accepted_per_pass"].append(sum(accepted))
-    for row, d, a, n in zip(rows, drafted, accepted, new):
-        row_stats = stats["rows"][row]
-        row_stats["target_passes"] += 1
-        if not first:
-            row_stats["drafted_tokens"] += d
-            row_stats["drafted_per_pass"].append(d)
-        row_stats["accepted_tokens"] += a
-        row_stats["accepted_per_pass"].append(a)
-        row_stats["new_tokens"] += n
-        row_stats["acceptance_length"] = row_stats["new_tokens"] / row_stats["target_passes"]
-    stats["drafted_tokens"] = sum(r["drafted_tokens"] for r in stats["rows"])
-    stats["accepted_tokens"] = sum(r["accepted_tokens"] for r in stats["rows"])
-    stats["new_tokens"] = sum(r["new_tokens"] for r in stats["rows"])
-    stats["acceptance_length"] = stats["new_tokens"] / stats["row_passes"]
-    stats["tokens_per_pass"] = stats["new_tokens"] / stats["target_passes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,9 +302,8 @@ def batched_generate(
     position_ids = model_kwargs.get("position_ids")
     offsets = torch.zeros_like(prompt_lengths) if position_ids is None else position_ids[:, -1].to(device) + 1 - prompt_lengths
 
-    state = BatchedDrafter(model, drafter, batch, device)
-    stats = new_batch_stats(batch)
-    drafter.last_stats = stats
+    state = DrafterState(model, drafter, batch, device)
+    stats = DecodingStats.new(batch, batched=True)
     last_layer = state.adapter.num_hidden_layers
     prompt_rows = input_ids.cpu()
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -752,20 +335,16 @@ def batched_generate(
         if want_logits:
             row_logits[row].append(raw[row : row + 1])
         finished[row] = done or stopper.max_new_tokens <= 1
-    _record_pass(stats, list(range(batch)), [0] * batch, [0] * batch, [1] * batch)
+    stats.record_pass(None)
+    stats.record_acceptance([0] * batch, [1] * batch)
     stream.flush(generated, finished)
 
     active = [row for row in range(batch) if not finished[row]]
     output = None
     if active:
         rows = torch.tensor(active, device=device)
-        output, visual, visual_kept = state.prefill(
-            input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first
-        )
-        for row in range(batch):
-            stats["rows"][row]["visual_tokens"] = visual[row]
-            stats["rows"][row]["visual_tokens_kept"] = visual_kept[row]
-        stats["visual_tokens"], stats["visual_tokens_kept"] = sum(visual), sum(visual_kept)
+        output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first)
+        stats.record_visual(state)
         if len(active) < batch:
             target_cache.select_rows(rows)
             state.select_rows(rows)
@@ -773,17 +352,24 @@ def batched_generate(
             target_cache.settle()
     del outputs
 
-    lengths = (prompt_lengths + 1)[torch.tensor(active, dtype=torch.long, device=device)] if active else None
     offsets = offsets[torch.tensor(active, dtype=torch.long, device=device)] if active else None
     while active:
         n_active = len(active)
         num_generated = torch.tensor([len(generated[row]) for row in active], device=device)
         # never draft past the row's budget: the verification pass adds one token itself
-        limits = torch.minimum(state.num_draft_tokens, stopper.max_new_tokens - num_generated - 1).clamp(min=0)
+        limits = torch.minimum(state.schedule.next_lengths(state), stopper.max_new_tokens - num_generated - 1).clamp(min=0)
         prefixes = _Lazy(lambda active=active: [sequence(row) for row in active])  # only if a processor reads them
-        drafts, draft_scores, counts, forwards = state.draft(
-            output, lengths, limits, logits_processor, do_sample, stopper, prefixes, batch
-        )
+
+        def process(logits, tokens, prefixes=prefixes):
+            def step_prefixes():
+                drafted = torch.stack(tokens, dim=1).cpu() if tokens else None
+                return [p if drafted is None else torch.cat([p, drafted[i]]) for i, p in enumerate(prefixes())]
+
+            return process_rows(logits_processor, logits, step_prefixes, state.rows, batch)
+
+        draft = state.draft_chain(output, limits, process, do_sample, stopper.is_eos)
+        drafts, draft_scores, counts = draft.tokens, draft.scores, draft.counts
+        lengths = state.lengths
         k = drafts.shape[1]
 
         # --- verification: one target pass over [last token, drafts] of every row ------------
@@ -836,13 +422,13 @@ def batched_generate(
             kept_counts.append(kept)
             if not done:
                 still_active.append(i)
-        _record_pass(stats, active, counts_list, [c - 1 for c in kept_counts], kept_counts)
-        state.update_schedule(counts, torch.tensor([c - 1 for c in kept_counts], device=device))
+        stats.record_pass(counts_list, active)
+        stats.record_acceptance([c - 1 for c in kept_counts], kept_counts, active)
+        state.schedule.record(counts, torch.tensor([c - 1 for c in kept_counts], device=device))
         stream.flush(generated, finished)
 
         # the target cache keeps [last token, accepted drafts] of every row
         target_cache.extend(torch.arange(k + 1, device=device)[None] <= accepted[:, None])
-        state.cache.drop_last(forwards)  # the drafter's speculative columns
         if not still_active:
             break
         if len(still_active) < n_active:
@@ -855,17 +441,16 @@ def batched_generate(
 
         # --- the drafter catches up with the target's features of the accepted tokens ----------
         features = verification.hidden_states[last_layer]
-        starts = lengths
         if keep is not None:
-            features, starts, offsets = features[keep], starts[keep], offsets[keep]
+            features, offsets = features[keep], offsets[keep]
         active = [active[i] for i in still_active]
-        output = state.catch_up([new_tokens[i] for i in still_active], starts, features)
-        lengths = starts + torch.tensor([len(new_tokens[i]) for i in still_active], device=device)
+        output = state.catch_up([new_tokens[i] for i in still_active], features)
         del verification
 
     stream.flush(generated, finished, final=True)
-    stats["target_cache_compactions"] = target_cache.compactions
-    drafter.batch_rows = None
+    stats.target_cache_compactions = target_cache.compactions
+    stats.publish(drafter)
+    state.close()
     if batched_streamer is not None:
         batched_streamer.end()
     steps = max(len(tokens) for tokens in generated)

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .candidate_generator import DreamCandidateGenerator
+from .drafter_state import DrafterState
+from .kv_cache import check_compactable, compact_cache
+from .stats import DecodingStats, TreeSizeChoice, TreeSizeRecord
 from .tree_size import (
     ADAPT_EVERY_PASSES,
     choose_tree_size,
@@ -123,18 +124,6 @@ class DraftTree:
 # ---------------------------------------------------------------------------------------------
 # Drafting
 # ---------------------------------------------------------------------------------------------
-class _MemoryRows:
-    """Per-row cross-attention memory for one batched drafter forward: the verified prefix (shared)
-    followed by the row's own speculative ancestor features. Quacks like [`DreamFeatureMemory`]
-    for `DreamDraftModel.forward` (`len()`, `features`, `keys`, `values`)."""
-
-    def __init__(self, features, keys, values):
-        self.features, self.keys, self.values = features, keys, values
-
-    def __len__(self) -> int:
-        return self.features.shape[1]
-
-
 @dataclass
 class _NodeState:
     """What the drafter left behind for one expanded node, needed by its descendants."""
@@ -231,12 +220,12 @@ class TreeDrafter:
     """Runs a [`DreamDraftModel`] over the frontier of a draft tree.
 
     The verified state (the drafter's KV cache and its feature memory, both holding only tokens
-    whose target features are known) lives in the chain generator `state` and is never touched
+    whose target features are known) lives in the [`DrafterState`] `state` and is never touched
     here; every tree node's speculative state is kept aside in the candidate pool, so nothing has
     to be cropped after verification.
     """
 
-    def __init__(self, state: DreamCandidateGenerator, logits_processor, eos_token_ids):
+    def __init__(self, state: DrafterState, logits_processor, eos_token_ids):
         self.state = state
         self.drafter = state.drafter
         self.adapter = state.adapter
@@ -297,28 +286,28 @@ class TreeDrafter:
         memory = self._memory_rows(rows, root, [[pool.states[a] for a in path] for path in ancestors])
         cache = self._cache_rows(rows, [[pool.states[a] for a in path] for path in ancestors])
         tokens = torch.tensor([[pool.tokens[node]] for node in frontier], device=input_ids.device)
-        position = input_ids.shape[1] - 1 + level
+        position = int(self.state.lengths[0]) - 1 + level
         positions = torch.full((rows, 1), position, dtype=torch.long, device=input_ids.device)
         output = self.drafter(self.adapter.embed(tokens), positions, memory=memory, cache=cache)
         layer_kv = [(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in cache.layers]
         return output, layer_kv
 
-    def _memory_rows(self, rows: int, root: _NodeState, paths: list[list[_NodeState]]) -> _MemoryRows:
+    def _memory_rows(self, rows: int, root: _NodeState, paths: list[list[_NodeState]]):
         """Verified features + the root's and each row's ancestors' draft features (position order)."""
-        base = self.state.memory
+        base = self.state.memory.fork(torch.zeros(1, dtype=torch.long), int(self.state.lengths[0]) - 1)
         lineages = [[root] + path for path in paths]
         features = torch.cat([base.features.expand(rows, -1, -1), _stack(lineages, lambda n: n.feature, 0)], dim=1)
         keys = values = None
         if base.keys is not None:
             keys = torch.cat([base.keys.expand(rows, -1, -1, -1), _stack(lineages, lambda n: n.memory_key, 1)], dim=2)
             values = torch.cat([base.values.expand(rows, -1, -1, -1), _stack(lineages, lambda n: n.memory_value, 1)], dim=2)
-        return _MemoryRows(features, keys, values)
+        return type(base)(self.drafter, features, keys, values)
 
     def _cache_rows(self, rows: int, paths: list[list[_NodeState]]) -> DynamicCache:
         """A fresh drafter cache whose row r is the verified cache followed by row r's ancestors.
         (The verified part is copied once per level: the drafter's layers take no tree mask.)"""
         cache = DynamicCache()
-        for index, layer in enumerate(self.state.cache.layers):
+        for index, layer in enumerate(self.state.cache.cache.layers):
             keys, values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
             if paths[0]:  # every row has the same number of ancestors (one level at a time)
                 keys = torch.cat([keys, _stack(paths, lambda n, i=index: n.layer_kv[i][0], 1)], dim=2)
@@ -408,38 +397,6 @@ def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: i
         return_dict=True,
     )
     return TreeVerification(logits=outputs.logits[0].float(), features=outputs.hidden_states[last_layer])
-
-
-def check_compactable(cache) -> None:
-    """Tree compaction rewrites dynamic (full or sliding-window) KV layers; anything else
-    (static, quantized, offloaded, linear-attention caches) cannot drop arbitrary entries."""
-    for layer in getattr(cache, "layers", None) or []:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            raise ValueError(
-                f"Tree decoding needs a DynamicCache of full or sliding-window layers, got a {type(layer).__name__} layer."
-            )
-
-
-def compact_cache(cache, num_tree: int, keep: torch.LongTensor) -> None:
-    """Keep, in every layer, the entries before the tree pass plus the tree entries `keep`
-    (indices into the tree, root first), in that order; drop the other tree entries.
-
-    Sliding layers must record their past (`cache.activate_past_recording()` before the tree
-    pass) so that the tree did not evict entries; they are trimmed back to their window here.
-    """
-    for layer in cache.layers:
-        if not layer.is_initialized or layer.keys.numel() == 0:
-            continue
-        stored = layer.keys.shape[-2]
-        before = stored - num_tree
-        index = torch.cat([torch.arange(before, device=layer.keys.device), before + keep.to(layer.keys.device)])
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            layer.cumulative_length -= num_tree - len(keep)
-            if layer.cumulative_length >= layer.sliding_window:
-                layer.keys = layer.keys[:, :, -layer.sliding_window + 1 :]
-                layer.values = layer.values[:, :, -layer.sliding_window + 1 :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,25 +524,6 @@ def _pick(scores: torch.Tensor, do_sample: bool) -> int:
     return int(scores[0].argmax(dim=-1))
 
 
-def _record_prefill(stats) -> None:
-    """The prefill counts as a target pass producing one token, with nothing drafted (as in chain drafting)."""
-    stats["target_passes"] += 1
-    stats["accepted_per_pass"].append(0)
-    stats["new_tokens"] = 1
-    stats["acceptance_length"] = 1.0
-
-
-def _record_round(stats, tree_size: int, accepted: int, side_tokens: int, new_tokens: int) -> None:
-    stats["target_passes"] += 1
-    stats["drafted_tokens"] += tree_size
-    stats["drafted_per_pass"].append(tree_size)
-    stats["accepted_tokens"] += accepted
-    stats["accepted_per_pass"].append(accepted)
-    stats["side_branch_tokens"] += side_tokens
-    stats["new_tokens"] = new_tokens
-    stats["acceptance_length"] = new_tokens / stats["target_passes"]
-
-
 def tree_generate(
     model,
     input_ids: torch.LongTensor,
@@ -643,9 +581,8 @@ def tree_generate(
 
     # The chain generator owns the drafter's verified state (cache, feature memory, visual-token
     # compression at prefill) and the statistics; the tree code only adds speculative nodes.
-    state = DreamCandidateGenerator(model, drafter, input_ids, generation_config, logits_processor)
-    stats = state.stats
-    stats["side_branch_tokens"] = 0
+    state = DrafterState(model, drafter, 1, input_ids.device, track_rows=False)
+    stats = DecodingStats.new(1, tree=True)
     last_layer = state.adapter.num_hidden_layers
     prompt_length = input_ids.shape[1]
     position_ids = model_kwargs.get("position_ids")
@@ -666,11 +603,16 @@ def tree_generate(
     logits_out.append(raw)
     input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
     visible = None if visible is None else torch.cat([visible, visible.new_ones(1)])
-    _record_prefill(stats)
+    stats.record_pass(None)
+    stats.record_acceptance([0], [1])
     if streamer is not None:
         streamer.put(input_ids[:, -1:].cpu())
     finished = bool(stopping_criteria(input_ids, scores).all())
-    root_output = None if finished else state.catch_up(input_ids, outputs.hidden_states[last_layer], 0, outputs.hidden_states[0])
+    if not finished:
+        prompt_mask = torch.ones_like(input_ids[:, :prompt_length], dtype=torch.bool) if visible is None else visible[None, :prompt_length]
+        hidden = outputs.hidden_states
+        root_output = state.prefill(input_ids[:, :prompt_length], prompt_mask, hidden[0], hidden[last_layer], input_ids[:, -1])
+        stats.record_visual(state)
     del outputs
 
     adaptive = tree_total_tokens == "auto" and not finished
@@ -680,8 +622,7 @@ def tree_generate(
         slope = remembered_slope(model, drafter)
         size = choose_tree_size(costs, level_cost, slope)
         tree_top_k, tree_depth, tree_total_tokens = size.top_k, size.depth, size.total_tokens
-        stats["tree_size"] = {"top_k": size.top_k, "depth": size.depth, "total_tokens": size.total_tokens, "verification_seconds": costs}
-        stats["tree_size"]["history"] = [dict(total_tokens=size.total_tokens, slope=slope)]
+        stats.tree_size = TreeSizeRecord(size.top_k, size.depth, size.total_tokens, costs, [TreeSizeChoice(size.total_tokens, slope)])
         window_passes = window_tokens = 0
     tree_drafter = TreeDrafter(state, logits_processor, eos_token_ids)
     while not finished:
@@ -709,7 +650,8 @@ def tree_generate(
         if visible is not None:
             visible = torch.cat([visible, visible.new_ones(len(new_tokens))])
         side = sum(1 for node in walk.path[:accepted] if tree.ranks[node] > 0)
-        _record_round(stats, len(tree) - 1, accepted, side, input_ids.shape[1] - prompt_length)
+        stats.record_pass([len(tree) - 1])
+        stats.record_acceptance([accepted], [len(new_tokens)], side=[side])
         if adaptive and depth > 0:
             # re-size the tree from the acceptance this drafter really achieves on this prompt
             window_passes, window_tokens = window_passes + 1, window_tokens + len(new_tokens)
@@ -719,8 +661,9 @@ def tree_generate(
                 remember_slope(model, drafter, slope)
                 size = choose_tree_size(costs, level_cost, slope)
                 tree_top_k, tree_depth, tree_total_tokens = size.top_k, size.depth, size.total_tokens
-                stats["tree_size"].update(top_k=size.top_k, depth=size.depth, total_tokens=size.total_tokens)
-                stats["tree_size"]["history"].append(dict(total_tokens=size.total_tokens, slope=slope))
+                record = stats.tree_size
+                record.top_k, record.depth, record.total_tokens = size.top_k, size.depth, size.total_tokens
+                record.history.append(TreeSizeChoice(size.total_tokens, slope))
                 window_passes = window_tokens = 0
         if streamer is not None:
             streamer.put(input_ids.new_tensor([new_tokens]).cpu())
@@ -729,8 +672,9 @@ def tree_generate(
             # The drafter catches up with the target's real features of the root and the
             # accepted nodes, then runs over the accepted tokens and the bonus token.
             features = verification.features[:, keep.to(verification.features.device)]
-            root_output = state.catch_up(input_ids, features, accepted)
+            root_output = state.catch_up([new_tokens], features)
 
+    stats.publish(drafter)
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:

@@ -131,17 +131,17 @@ def remember_slope(model, drafter, slope: float) -> None:
 
 
 def measure_draft_level_cost(state, repeats: int = 3) -> float:
-    """Median seconds of one drafter forward of one token on the drafter's current (verified)
-    cache and feature memory: about the cost of expanding one tree level (a level batches its
-    few frontier rows into one forward, which on these sizes costs about the same)."""
-    drafter = state.drafter
+    """Median seconds of one drafter forward of one token on a [`DrafterState`]'s current (verified)
+    cache and feature memory (batch 1): about the cost of expanding one tree level (a level
+    batches its few frontier rows into one forward, which on these sizes costs about the same)."""
+    drafter, cache = state.drafter, state.cache.cache
     embeds = torch.zeros(1, 1, drafter.config.hidden_size, dtype=drafter.dtype, device=drafter.device)
-    positions = torch.full((1, 1), state.draft_positions, device=drafter.device)
+    positions = state.lengths[:1, None]
 
     def level():
         with torch.no_grad():
-            drafter(embeds, positions, memory=state.memory, cache=state.cache)
-        state.cache.crop(-1)
+            drafter(embeds, positions, memory=state.memory, cache=cache)
+        cache.crop(-1)
 
     level()
     return median_seconds(level, repeats)

@@ -131,17 +131,55 @@ def remember_slope(model, drafter, slope: float) -> None:
 
 
 def measure_draft_level_cost(state, repeats: int = 3) -> float:
-    """Median seconds of one drafter forward of one token on a [`DrafterState`]'s current (verified)
-    cache and feature memory (batch 1): about the cost of expanding one tree level (a level
-    batches its few frontier rows into one forward, which on these sizes costs about the same)."""
-    drafter, cache = state.drafter, state.cache.cache
+    """Median seconds of one drafter forward of one token on a copy of the first row of a
+    [`DrafterState`]'s verified cache and feature memory: about the cost of expanding one tree
+    level (a level batches its few frontier rows into one forward, which on these sizes costs
+    about the same) or of one chain draft step."""
+    drafter = state.drafter
     embeds = torch.zeros(1, 1, drafter.config.hidden_size, dtype=drafter.dtype, device=drafter.device)
     positions = state.lengths[:1, None]
+    memory = state.memory.fork(torch.zeros(1, dtype=torch.long), len(state.memory))
+    cache = DynamicCache()
+    for index, layer in enumerate(state.cache.cache.layers):
+        cache.update(layer.keys[:1].clone(), layer.values[:1].clone(), index)
 
     def level():
         with torch.no_grad():
-            drafter(embeds, positions, memory=state.memory, cache=cache)
+            drafter(embeds, positions, memory=memory, cache=cache)
         cache.crop(-1)
 
     level()
     return median_seconds(level, repeats)
+
+
+class TreeSizer:
+    """`tree_total_tokens="auto"` for one `generate` call: the tree size with the best expected
+    tokens per second from this machine's timings and the acceptance slope, re-chosen every
+    `ADAPT_EVERY_PASSES` passes from the acceptance observed (kept in `stats.tree_size`)."""
+
+    def __init__(self, model, drafter, state, stats):
+        from .stats import TreeSizeChoice, TreeSizeRecord
+
+        self.model, self.drafter, self.stats, self.choice = model, drafter, stats, TreeSizeChoice
+        self.costs = measure_verification_costs(model, int(state.lengths[0]))
+        self.level_cost = measure_draft_level_cost(state)
+        self.slope = remembered_slope(model, drafter)
+        self.settings = choose_tree_size(self.costs, self.level_cost, self.slope)
+        size = self.settings
+        stats.tree_size = TreeSizeRecord(size.top_k, size.depth, size.total_tokens, self.costs, [TreeSizeChoice(size.total_tokens, self.slope)])
+        self.window_passes = self.window_tokens = 0
+
+    def record(self, tokens_per_pass: float) -> None:
+        """After a pass that drafted: `tokens_per_pass` new tokens per row (bonus included)."""
+        self.window_passes, self.window_tokens = self.window_passes + 1, self.window_tokens + tokens_per_pass
+        if self.window_passes < ADAPT_EVERY_PASSES:
+            return
+        # half the new window, half the history: two passes alone are a noisy estimate
+        observed = observed_acceptance_slope(self.window_tokens / self.window_passes, self.settings.total_tokens)
+        self.slope = 0.5 * self.slope + 0.5 * observed
+        remember_slope(self.model, self.drafter, self.slope)
+        self.settings = size = choose_tree_size(self.costs, self.level_cost, self.slope)
+        record = self.stats.tree_size
+        record.top_k, record.depth, record.total_tokens = size.top_k, size.depth, size.total_tokens
+        record.history.append(self.choice(size.total_tokens, self.slope))
+        self.window_passes = self.window_tokens = 0

@@ -14,8 +14,9 @@ import torch
 from conftest import cached_target
 
 from hf_dream import DreamDraftModel
-from hf_dream.generation import batched as batched_module
-from hf_dream.generation.batched import RaggedCache, batched_generate
+from hf_dream.generation import engine
+from hf_dream.generation.batched import batched_generate
+from hf_dream.generation.kv_cache import RaggedCache
 from hf_dream.testing import build_tiny_target, make_tiny_inputs, stack_tiny_inputs, tiny_inputs_row
 
 NEW_TOKENS = 30
@@ -450,7 +451,7 @@ def test_forgetting_the_residual_fails_the_same_test(sampling_setup, monkeypatch
     from test_sampling import goodness_of_fit
 
     target, prompts, kwargs, drafter, marginals = sampling_setup
-    monkeypatch.setattr(batched_module, "residual_distribution", lambda p, q: p)
+    monkeypatch.setattr(engine, "residual_distribution", lambda p, q: p)
     tokens, _, _ = sample_rows(target, prompts, kwargs, drafter)
     pvalues = [goodness_of_fit(t[:, i], m[i - 1]) for t, m in zip(tokens, marginals) for i in (1, 2)]
     assert min(pvalues) < 1e-3

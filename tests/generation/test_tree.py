@@ -13,7 +13,7 @@ from conftest import cached_target, check_stats, oracle_drafter
 from transformers import DynamicCache
 
 from hf_dream import DreamDraftModel
-from hf_dream.generation import tree as tree_module
+from hf_dream.generation import engine
 from hf_dream.generation.tree import DraftTree, compact_cache, tree_generate, verify_tree
 from hf_dream.testing import build_tiny_target, make_tiny_inputs
 
@@ -212,11 +212,16 @@ def test_bad_calls_fail_clearly(kwargs, message):
         target.generate(**inputs, custom_generate=tree_generate, **arguments)
 
 
-def test_batch_larger_than_one_fails():
-    target = cached_target("llava")
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_trees_in_a_batch_equal_plain_batched_greedy(family):
+    """A batch drafts one tree per row and verifies them in one pass: every row exact."""
+    target = cached_target(family)
     inputs = make_tiny_inputs(target, batch_size=2)
-    with pytest.raises(ValueError, match="batch size 1"):
-        generate_tree(target, inputs, DreamDraftModel.from_target(target), max_new_tokens=4)
+    reference = target.generate(**inputs, max_new_tokens=16, do_sample=False)
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target)
+    assert torch.equal(generate_tree(target, inputs, drafter, max_new_tokens=16, do_sample=False), reference)
+    assert drafter.last_stats["batch_size"] == 2 and "side_branch_tokens" in drafter.last_stats["rows"][0]
 
 
 # --- cache compaction ----------------------------------------------------------------------------
@@ -258,7 +263,7 @@ def test_compaction_after_a_side_branch_equals_a_fresh_run(family):
     for mine, theirs in zip(cache.layers, fresh.layers):
         torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(verification.logits[[0] + path], reference.logits[0, prompt_length:].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(verification.logits[0, [0] + path], reference.logits[0, prompt_length:].float(), atol=1e-4, rtol=1e-4)
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -312,7 +317,7 @@ def test_forgetting_the_residual_fails_the_same_test(sampling_setup, monkeypatch
     from test_sampling import goodness_of_fit
 
     target, inputs, kwargs, drafter, p2, p3 = sampling_setup
-    monkeypatch.setattr(tree_module, "residual_after_rejection", lambda probs, token: probs)
+    monkeypatch.setattr(engine, "residual_distribution", lambda p, q: p)
     tokens, _, _ = sample_tree_tokens(target, inputs, kwargs, drafter, SAMPLES)
     assert min(goodness_of_fit(tokens[:, 1], p2), goodness_of_fit(tokens[:, 2], p3)) < 1e-3
 
@@ -354,8 +359,8 @@ def test_auto_tree_size_adapts_to_the_observed_acceptance(target, inputs, monkey
     monkeypatch.setattr(tree_size, "_SLOPES", {})
     # a GPU: verification free up to 16 tokens, cheap drafting; the largest tree pays unless drafts are nearly
     # always wrong (acceptance slope below ~0.13)
-    monkeypatch.setattr(tree_module, "measure_verification_costs", lambda model, length: {n: 0.010 for n in (1, 2, 4, 8, 16)})
-    monkeypatch.setattr(tree_module, "measure_draft_level_cost", lambda state: 0.001)
+    monkeypatch.setattr(tree_size, "measure_verification_costs", lambda model, length: {n: 0.010 for n in (1, 2, 4, 8, 16)})
+    monkeypatch.setattr(tree_size, "measure_draft_level_cost", lambda state: 0.001)
     reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, custom_generate=tree_generate, tree_total_tokens="auto")
     sizes = lambda drafter: [step["total_tokens"] for step in drafter.last_stats["tree_size"]["history"]]  # noqa: E731

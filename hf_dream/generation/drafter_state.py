@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
-from .draft_length import DraftLengthChooser
+from .cost_model import DraftLengthChooser
 from .kv_cache import RaggedCache
 
 
@@ -27,7 +27,7 @@ class ChainDraft:
 
 class DraftSchedule:
     """Tokens to draft per row and round: `draft_schedule="constant"`, `"heuristic"` (transformers'
-    assistant schedule, per row) or `"auto"` (the cost model of `draft_length`; batch 1 only, since
+    assistant schedule, per row) or `"auto"` (the cost model of `cost_model`; batch 1 only, since
     it models one row's verification cost: batches draft `num_draft_tokens`)."""
 
     def __init__(self, target, drafter, batch_size: int, device):

@@ -395,7 +395,7 @@ def accept(tree: DraftTree, node_scores, do_sample: bool, eos_token_ids=None) ->
 @dataclass
 class TreeSettings:
     """Tree drafting: children per node and frontier nodes per level (`top_k`), longest drafted
-    path (`depth`), drafted nodes per pass (`total_tokens`, or `"auto"`: see `tree_size`)."""
+    path (`depth`), drafted nodes per pass (`total_tokens`, or `"auto"`: see `cost_model`)."""
 
     top_k: int
     depth: int
@@ -439,7 +439,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     `drafter.last_stats` ([`DecodingStats`]; `batched_stats`: with the batch keys).
     """
     from .tree import TreeDrafter
-    from .tree_size import TreeSizer
+    from .cost_model import TreeSizer
 
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)

@@ -283,7 +283,7 @@ def tree_generate(
         tree_total_tokens (`int` or `"auto"`): drafted nodes verified per target pass (the root comes
             on top). `"auto"` times target passes over 1..64 new tokens and a drafter step on this
             machine once (cached) and picks the size, depth and top-k with the best expected
-            tokens per second (see `hf_dream.generation.tree_size`), then picks again every few
+            tokens per second (see `hf_dream.generation.cost_model`), then picks again every few
             passes from the acceptance observed so far (remembered for the next call with the same
             target and drafter); the choices are in
             `drafter.last_stats["tree_size"]` (`history`: each size and the slope that chose it).

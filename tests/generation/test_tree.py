@@ -324,7 +324,7 @@ def test_forgetting_the_residual_fails_the_same_test(sampling_setup, monkeypatch
 
 # --- auto tree size --------------------------------------------------------------------------------
 def test_choose_tree_size_follows_the_verification_cost_curve():
-    from hf_dream.generation.tree_size import choose_tree_size
+    from hf_dream.generation.cost_model import choose_tree_size
 
     flat = {n: 0.010 for n in (1, 2, 4, 8, 16, 32, 64)}  # a GPU: verification is free up to 64 tokens
     steep = {n: 0.010 * n for n in (1, 2, 4, 8, 16, 32, 64)}  # a slow CPU: cost grows with every token
@@ -346,7 +346,7 @@ def test_auto_tree_size_is_measured_and_lossless(target, inputs):
 
 
 def test_observed_acceptance_slope():
-    from hf_dream.generation.tree_size import SLOPE_RANGE, observed_acceptance_slope
+    from hf_dream.generation.cost_model import SLOPE_RANGE, observed_acceptance_slope
 
     assert observed_acceptance_slope(1.0 + 0.8 * 2.0, total_tokens=3) == pytest.approx(0.8)  # the prior's own curve
     assert observed_acceptance_slope(1.0, total_tokens=16) == SLOPE_RANGE[0]  # nothing accepted: the floor, not 0
@@ -354,13 +354,13 @@ def test_observed_acceptance_slope():
 
 
 def test_auto_tree_size_adapts_to_the_observed_acceptance(target, inputs, monkeypatch):
-    from hf_dream.generation import tree_size
+    from hf_dream.generation import cost_model
 
-    monkeypatch.setattr(tree_size, "_SLOPES", {})
+    monkeypatch.setattr(cost_model, "_SLOPES", cost_model.PairMemory())
     # a GPU: verification free up to 16 tokens, cheap drafting; the largest tree pays unless drafts are nearly
     # always wrong (acceptance slope below ~0.13)
-    monkeypatch.setattr(tree_size, "measure_verification_costs", lambda model, length: {n: 0.010 for n in (1, 2, 4, 8, 16)})
-    monkeypatch.setattr(tree_size, "measure_draft_level_cost", lambda state: 0.001)
+    monkeypatch.setattr(cost_model, "measure_verification_costs", lambda model, length: {n: 0.010 for n in (1, 2, 4, 8, 16)})
+    monkeypatch.setattr(cost_model, "measure_draft_step_cost", lambda state: 0.001)
     reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, custom_generate=tree_generate, tree_total_tokens="auto")
     sizes = lambda drafter: [step["total_tokens"] for step in drafter.last_stats["tree_size"]["history"]]  # noqa: E731

@@ -98,8 +98,11 @@ class DreamFeatureMemory:
         if keys is None:
             features, keys, values = self.project(features)
         rows, count, hidden = features.shape
-        start = torch.as_tensor(start, device=features.device).reshape(-1).expand(rows)
-        needed = int((start + count).max())
+        if torch.is_tensor(start) and start.numel() > 1 and not bool((start == start[0]).all()):
+            needed, first = int((start + count).max()), None
+        else:  # every row writes the same slots: a slice assignment
+            first = int(start.reshape(-1)[0]) if torch.is_tensor(start) else int(start)
+            needed = first + count
         if self.features is None:
             self.features = features.new_zeros(rows, needed, hidden)
             if keys is not None:
@@ -110,6 +113,12 @@ class DreamFeatureMemory:
             self.features = F.pad(self.features, (0, 0, 0, grow))
             if self.keys is not None:
                 self.keys, self.values = F.pad(self.keys, (0, 0, 0, grow)), F.pad(self.values, (0, 0, 0, grow))
+        if first is not None:
+            self.features[:, first : first + count] = features.to(self.features.dtype)
+            if keys is not None:
+                self.keys[:, :, first : first + count] = keys.to(self.keys.dtype)
+                self.values[:, :, first : first + count] = values.to(self.values.dtype)
+            return
         slots = start[:, None] + torch.arange(count, device=features.device)
         self.features.scatter_(1, slots[..., None].expand(-1, -1, hidden), features.to(self.features.dtype))
         if keys is not None:

@@ -85,7 +85,7 @@ class DrafterState:
         """One drafter forward appending `embeds`' columns (`valid (rows, n)`: which are real) to `cache`."""
         cache = self.cache if cache is None else cache
         if valid is None:
-            valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=cache.valid.device)
+            valid = embeds.shape[1]
         if self.track_rows:
             self.drafter.batch_rows = self.rows if rows is None else rows
         memory = self.memory if memory is None else memory

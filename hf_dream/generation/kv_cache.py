@@ -44,6 +44,22 @@ class RaggedCache:
         self.contiguous = contiguous
         self.max_waste = max_waste
         self.compactions = 0
+        self._full: bool | None = None  # whether every column is real (cached; None: not known)
+
+    @property
+    def valid(self) -> torch.BoolTensor:
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: torch.BoolTensor) -> None:
+        self._valid, self._full = value, None
+
+    @property
+    def full(self) -> bool:
+        """Whether every column of every row is real (no padding, no holes)."""
+        if self._full is None:
+            self._full = bool(self._valid.all())
+        return self._full
 
     @property
     def length(self) -> int:
@@ -53,13 +69,21 @@ class RaggedCache:
         """2-D mask for a forward that appends columns: `new` is their count (all real) or their
         `(rows, count)` validity (a left-padded block). None when every column is real."""
         if isinstance(new, int):
+            if self.full:
+                return None
             new = self.valid.new_ones(self.valid.shape[0], new)
         mask = torch.cat([self.valid, new.to(self.valid.device)], dim=1)
         return None if bool(mask.all()) else mask.long()
 
-    def extend(self, new_valid: torch.BoolTensor) -> None:
-        """Record the columns the last forward appended (which of them are real, per row)."""
+    def extend(self, new_valid) -> None:
+        """Record the columns the last forward appended: their count (all real) or `(rows, count)` validity."""
+        full = self._full
+        if isinstance(new_valid, int):
+            new_valid = self.valid.new_ones(self.valid.shape[0], new_valid)
+        else:
+            full = None
         self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=1)
+        self._full = full
 
     def drop_last(self, count: int) -> None:
         """Remove the last `count` columns of every row."""
@@ -82,6 +106,9 @@ class RaggedCache:
     def settle(self, force: bool = False) -> None:
         """After a round: drop columns no row uses at the end, compact if the policy says so (or
         `force`), and bring sliding-window layers back to their window."""
+        if self.full:  # nothing to drop or move
+            self._trim_sliding()
+            return
         real_columns = self.valid.any(dim=0)
         trailing = self.length - (int(real_columns.nonzero().max()) + 1 if real_columns.any() else 0)
         self.drop_last(trailing)

@@ -56,6 +56,7 @@ class PairMemory:
         self._by_target: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, target, drafter, key=None, default=None):
+        """The value kept for (`target`, `drafter`) under `key`, else `default`."""
         per_target = self._by_target.get(target)
         if per_target is None:
             return default
@@ -63,6 +64,7 @@ class PairMemory:
         return table.get(key, default)
 
     def set(self, target, drafter, value, key=None) -> None:
+        """Keep `value` for (`target`, `drafter`) under `key`."""
         per_target = self._by_target.setdefault(target, {"drafters": weakref.WeakKeyDictionary(), "plain": {}})
         table = per_target["plain"] if drafter is None else per_target["drafters"].setdefault(drafter, {})
         table[key] = value

@@ -38,6 +38,7 @@ class DraftSchedule:
         self.chooser = DraftLengthChooser(target, drafter) if auto else None
 
     def next_lengths(self, state: DrafterState) -> torch.LongTensor:
+        """`(rows,)` tokens to draft this round (`"auto"` times the costs on its first call)."""
         if self.chooser is not None:
             if self.chooser.costs is None:
                 self.chooser.measure(state, int(state.lengths[0]))
@@ -53,6 +54,7 @@ class DraftSchedule:
             self.lengths = torch.where(drafted > 0, grown, self.lengths)
 
     def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows` (finished rows leave the batch)."""
         self.lengths = self.lengths.index_select(0, rows.to(self.lengths.device))
 
 
@@ -94,6 +96,7 @@ class DrafterState:
         return output
 
     def close(self) -> None:
+        """End of decoding: no row-keyed read-out is left on the drafter."""
         if self.track_rows:
             self.drafter.batch_rows = None
 

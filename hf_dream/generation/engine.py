@@ -195,6 +195,7 @@ class TargetScores:
             self.computed = {pair: processed[j : j + 1] for j, pair in enumerate(pairs)}
 
     def prefix(self, i: int, node: int) -> torch.Tensor:
+        """What plain generate would show the processors at this node: the row's sequence plus the node's path."""
         return torch.cat([self.sequences(i), self.trees[i].path_tokens(node).cpu()])
 
     def __call__(self, i: int, node: int) -> torch.Tensor:
@@ -345,6 +346,7 @@ class TreeAcceptance:
     scores: list[torch.Tensor]
 
     def tokens(self, tree: DraftTree) -> list[int]:
+        """The new tokens: the accepted nodes' tokens, then the bonus token if any."""
         return [int(tree.tokens[node]) for node in self.path] + ([] if self.bonus is None else [self.bonus])
 
 

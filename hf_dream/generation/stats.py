@@ -28,6 +28,7 @@ class RowStats:
         return self.new_tokens / self.target_passes if self.target_passes else 0.0
 
     def as_dict(self, tree: bool) -> dict:
+        """The batch-1 read-out keys (`side_branch_tokens` for trees)."""
         out = dict(
             target_passes=self.target_passes,
             drafted_tokens=self.drafted_tokens,
@@ -46,6 +47,8 @@ class RowStats:
 
 @dataclass
 class TreeSizeChoice:
+    """One `"auto"` tree-size choice: the size and the acceptance slope that chose it."""
+
     total_tokens: int
     slope: float
 
@@ -84,6 +87,7 @@ class DecodingStats:
 
     @classmethod
     def new(cls, batch_size: int, batched: bool = False, tree: bool = False) -> DecodingStats:
+        """Zeroed statistics of `batch_size` rows."""
         return cls(rows=[RowStats() for _ in range(batch_size)], batched=batched, tree=tree)
 
     def record_pass(self, drafted: list[int] | None, rows: list[int] | None = None) -> None:
@@ -117,6 +121,7 @@ class DecodingStats:
             record.visual_tokens, record.visual_tokens_kept = total, kept
 
     def as_dict(self) -> dict:
+        """The `drafter.last_stats` read-out (see the class docstring)."""
         if not self.batched:
             out = self.rows[0].as_dict(self.tree)
         else:

@@ -74,16 +74,33 @@ class DreamFeatureMemory:
     appended, because rows sit at different positions. A slot at or after a row's frontier may
     hold a stale value (a rejected draft's feature, or the drafter's own estimate): a query at
     position p reads slots `< p` only, and every slot is rewritten before a query can read it.
+    `features` / `keys` / `values` are views of the slots written so far (storage grows in steps
+    of `MEMORY_GROWTH`).
     """
 
     def __init__(self, model: DreamDraftModel, features=None, keys=None, values=None):
         self.model = model
-        self.features: torch.Tensor | None = features
-        self.keys: torch.Tensor | None = keys
-        self.values: torch.Tensor | None = values
+        self._storage = [features, keys, values]  # (rows, capacity, hidden), (rows, kv_heads, capacity, head_dim) x 2
+        self.length = 0 if features is None else features.shape[1]
 
     def __len__(self) -> int:
-        return 0 if self.features is None else self.features.shape[1]
+        return self.length
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        return self._view(0)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._view(1)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._view(2)
+
+    def _view(self, index: int):
+        tensor = self._storage[index]
+        return None if tensor is None else tensor.narrow(1 if index == 0 else 2, 0, self.length)
 
     def project(self, features: torch.Tensor):
         """`(features, keys, values)` for `features (rows, n, hidden)`: keys/values are None without cross-attention."""
@@ -95,52 +112,47 @@ class DreamFeatureMemory:
     def write(self, features: torch.Tensor, start, keys=None, values=None) -> None:
         """Write `features (rows, n, hidden)` at slots `start[r] .. start[r] + n - 1` of each row
         (`start` an int or a `(rows,)` tensor); `keys`/`values` are their projections if already known."""
-        if keys is None:
-            features, keys, values = self.project(features)
-        rows, count, hidden = features.shape
+        new = self.project(features) if keys is None else (features, keys, values)
+        count = new[0].shape[1]
         if torch.is_tensor(start) and start.numel() > 1 and not bool((start == start[0]).all()):
             needed, first = int((start + count).max()), None
         else:  # every row writes the same slots: a slice assignment
             first = int(start.reshape(-1)[0]) if torch.is_tensor(start) else int(start)
             needed = first + count
-        if self.features is None:
-            self.features = features.new_zeros(rows, needed, hidden)
-            if keys is not None:
-                self.keys = keys.new_zeros(rows, keys.shape[1], needed, keys.shape[-1])
-                self.values = values.new_zeros(rows, values.shape[1], needed, values.shape[-1])
-        elif needed > len(self):
-            grow = max(needed - len(self), MEMORY_GROWTH)
-            self.features = F.pad(self.features, (0, 0, 0, grow))
-            if self.keys is not None:
-                self.keys, self.values = F.pad(self.keys, (0, 0, 0, grow)), F.pad(self.values, (0, 0, 0, grow))
-        if first is not None:
-            self.features[:, first : first + count] = features.to(self.features.dtype)
-            if keys is not None:
-                self.keys[:, :, first : first + count] = keys.to(self.keys.dtype)
-                self.values[:, :, first : first + count] = values.to(self.values.dtype)
-            return
-        slots = start[:, None] + torch.arange(count, device=features.device)
-        self.features.scatter_(1, slots[..., None].expand(-1, -1, hidden), features.to(self.features.dtype))
-        if keys is not None:
-            kv_slots = slots[:, None, :, None].to(self.keys.device).expand(-1, keys.shape[1], -1, keys.shape[-1])
-            self.keys.scatter_(2, kv_slots, keys.to(self.keys.dtype))
-            self.values.scatter_(2, kv_slots, values.to(self.values.dtype))
+        capacity = 0 if self._storage[0] is None else self._storage[0].shape[1]
+        for index, tensor in enumerate(new):
+            if tensor is None:
+                continue
+            dim = 1 if index == 0 else 2
+            stored = self._storage[index]
+            if stored is None:
+                shape = list(tensor.shape)
+                shape[dim] = needed
+                stored = tensor.new_zeros(shape)
+            elif needed > capacity:
+                grow = [0, 0] * (stored.dim() - dim - 1) + [0, max(needed - capacity, MEMORY_GROWTH)]
+                stored = F.pad(stored, grow)
+            tensor = tensor.to(stored.dtype)
+            if first is not None:
+                stored.narrow(dim, first, count).copy_(tensor)
+            else:
+                slots = start.to(stored.device)[:, None] + torch.arange(count, device=stored.device)
+                slots = slots[:, None, :, None] if dim == 2 else slots[..., None]
+                stored.scatter_(dim, slots.expand(tensor.shape), tensor)
+            self._storage[index] = stored
+        self.length = max(self.length, needed)
 
     def select_rows(self, rows: torch.LongTensor) -> None:
         """Keep only `rows`, in that order (finished rows leave the batch)."""
-        if self.features is not None:
-            self.features, self.keys, self.values = self._rows(rows)
+        self._storage = [None if t is None else t.index_select(0, rows.to(t.device)) for t in self._storage]
 
     def fork(self, rows: torch.LongTensor, length: int) -> DreamFeatureMemory:
         """A new memory whose row i is a copy of row `rows[i]`'s first `length` slots (speculative
         rows, e.g. tree nodes, then write their own ancestors' features after them)."""
-        features, keys, values = self._rows(rows, length)
-        return DreamFeatureMemory(self.model, features, keys, values)
-
-    def _rows(self, rows, length=None):
-        rows = rows.to(self.features.device)
-        pick = lambda t, dim: None if t is None else t.index_select(0, rows).narrow(dim, 0, t.shape[dim] if length is None else min(length, t.shape[dim]))  # noqa: E731
-        return pick(self.features, 1), pick(self.keys, 2), pick(self.values, 2)
+        length = min(length, self.length)
+        views = [self._view(i) for i in range(3)]
+        picked = [None if t is None else t.index_select(0, rows.to(t.device)).narrow(1 if i == 0 else 2, 0, length) for i, t in enumerate(views)]
+        return DreamFeatureMemory(self.model, *picked)
 
 
 class DreamCrossAttention(nn.Module):

@@ -239,11 +239,12 @@ class DraftLengthChooser:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TreeSize:
-    """A draft-tree shape: children per expanded node (`top_k`), `depth`, and nodes verified per pass (`total_tokens`)."""
+    """A draft-tree shape: children per expanded node and frontier nodes per level (`top_k`), longest
+    drafted path (`depth`), and nodes verified per pass (`total_tokens`; `"auto"` asks [`TreeSizer`])."""
 
     top_k: int
     depth: int
-    total_tokens: int
+    total_tokens: int | str
 
 
 def choose_tree_size(verification_costs: dict[int, float], draft_level_cost: float, slope: float = DEFAULT_ACCEPTANCE_SLOPE) -> TreeSize:

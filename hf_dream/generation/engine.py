@@ -24,6 +24,7 @@ One round, for every unfinished row at once:
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cost_model import TreeSize, TreeSizer
 from .drafter_state import DrafterState
 from .kv_cache import RaggedCache, check_compactable
 from .stats import DecodingStats
@@ -395,16 +397,6 @@ def accept(tree: DraftTree, node_scores, do_sample: bool, eos_token_ids=None) ->
 # The loop
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class TreeSettings:
-    """Tree drafting: children per node and frontier nodes per level (`top_k`), longest drafted
-    path (`depth`), drafted nodes per pass (`total_tokens`, or `"auto"`: see `cost_model`)."""
-
-    top_k: int
-    depth: int
-    total_tokens: int | str
-
-
-@dataclass
 class _Row:
     """One input row's output so far."""
 
@@ -430,9 +422,10 @@ def _prefill(model, input_ids, model_kwargs, hidden_layers):
 
 @torch.no_grad()
 def speculative_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
-                         tree: TreeSettings | None = None, streamer=None, batched_stats: bool = True):
-    """DREAM decoding of a batch of prompts (chains, or trees with `tree`), lossless per row, for
-    the `custom_generate` entry points [`tree_generate`] and [`batched_generate`].
+                         tree: TreeSize | None = None, streamer=None, batched_stats: bool = True):
+    """DREAM decoding of a batch of prompts (chains, or trees of the [`TreeSize`] `tree`, whose
+    `total_tokens` may be `"auto"`), lossless per row, for the `custom_generate` entry points
+    [`tree_generate`] and [`batched_generate`].
 
     Returns the sequences `(batch, prompt + new)` as plain generate lays them out (rows that
     finished early padded with `pad_token_id`), or a `GenerateDecoderOnlyOutput` with
@@ -441,7 +434,6 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     `drafter.last_stats` ([`DecodingStats`]; `batched_stats`: with the batch keys).
     """
     from .tree import TreeDrafter
-    from .cost_model import TreeSizer
 
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
@@ -584,7 +576,7 @@ def _draft_chains(state, output, rows, active, budgets, logits_processor, do_sam
     """Every active row's chain draft, as width-1 trees (with the scores sampled drafts came from)."""
     device = state.lengths.device
     limits = torch.minimum(state.schedule.next_lengths(state), torch.tensor(budgets, device=device)).clamp(min=0)
-    prefixes = _Lazy(lambda: [rows[r].sequence() for r in active])  # only if a processor reads them
+    prefixes = functools.cache(lambda: [rows[r].sequence() for r in active])  # only if a processor reads them
 
     def process(logits, drafted):
         def step_prefixes():
@@ -649,18 +641,6 @@ def build_output(generation_config, input_ids, rows: list[_Row], pad_token_id: i
         logits=padded("logits"),
         cache=cache,
     )
-
-
-class _Lazy:
-    """A value computed on first call, then remembered."""
-
-    def __init__(self, compute):
-        self.compute, self.value, self.done = compute, None, False
-
-    def __call__(self):
-        if not self.done:
-            self.value, self.done = self.compute(), True
-        return self.value
 
 
 def _select_output(output, rows: torch.LongTensor):

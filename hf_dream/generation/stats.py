@@ -29,19 +29,10 @@ class RowStats:
 
     def as_dict(self, tree: bool) -> dict:
         """The batch-1 read-out keys (`side_branch_tokens` for trees)."""
-        out = dict(
-            target_passes=self.target_passes,
-            drafted_tokens=self.drafted_tokens,
-            accepted_tokens=self.accepted_tokens,
-            new_tokens=self.new_tokens,
-            acceptance_length=self.acceptance_length,
-            accepted_per_pass=list(self.accepted_per_pass),
-            drafted_per_pass=list(self.drafted_per_pass),
-            visual_tokens=self.visual_tokens,
-            visual_tokens_kept=self.visual_tokens_kept,
-        )
-        if tree:
-            out["side_branch_tokens"] = self.side_branch_tokens
+        out = asdict(self)
+        out["acceptance_length"] = self.acceptance_length
+        if not tree:
+            del out["side_branch_tokens"]
         return out
 
 

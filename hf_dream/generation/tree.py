@@ -29,7 +29,8 @@ import torch
 from transformers import DynamicCache
 
 from .drafter_state import DrafterState
-from .engine import DraftTree, TreeSettings, Verification, process_rows, speculative_generate, verify
+from .cost_model import TreeSize
+from .engine import DraftTree, Verification, process_rows, speculative_generate, verify
 from .kv_cache import RaggedCache, compact_cache  # noqa: F401  (compact_cache: re-exported, public since the first tree release)
 from .validation import check_custom_masks, check_dream_call
 
@@ -299,7 +300,7 @@ def tree_generate(
         batch keys of [`batched_generate`] for a batch of more than one).
     """
     _validate(model, generation_config, drafter, tree_top_k, tree_depth, tree_total_tokens)
-    settings = TreeSettings(tree_top_k, tree_depth, tree_total_tokens)
+    settings = TreeSize(tree_top_k, tree_depth, tree_total_tokens)
     return speculative_generate(
         model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
         tree=settings, streamer=tree_streamer if tree_streamer is not None else streamer, batched_stats=input_ids.shape[0] > 1,

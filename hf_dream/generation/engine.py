@@ -30,18 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
-from transformers.generation.logits_process import (
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    InfNanRemoveLogitsProcessor,
-    LogitNormalization,
-    MinPLogitsWarper,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
+from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -53,16 +42,9 @@ from .stats import DecodingStats
 # Processors whose output for a row depends on that row's scores only, never on its prefix or
 # its length: they can run once over every (row, node) of a round.
 ROW_WISE_PROCESSORS = (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    MinPLogitsWarper,
-    TypicalLogitsWarper,
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    SuppressTokensLogitsProcessor,
-    InfNanRemoveLogitsProcessor,
-    LogitNormalization,
+    lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper, lp.TypicalLogitsWarper,
+    lp.EpsilonLogitsWarper, lp.EtaLogitsWarper, lp.SuppressTokensLogitsProcessor, lp.InfNanRemoveLogitsProcessor,
+    lp.LogitNormalization,
 )
 
 

@@ -116,29 +116,21 @@ class DecodingStats:
         if not self.batched:
             out = self.rows[0].as_dict(self.tree)
         else:
+            rows = [row.as_dict(self.tree) for row in self.rows]
             passes, row_passes = len(self.active_rows_per_pass), sum(self.active_rows_per_pass)
-            total = lambda key: sum(getattr(r, key) for r in self.rows)  # noqa: E731
-            new_tokens = total("new_tokens")
-            out = dict(
+            summed = ["drafted_tokens", "accepted_tokens", "new_tokens", "visual_tokens", "visual_tokens_kept"]
+            out = {key: sum(row[key] for row in rows) for key in summed + (["side_branch_tokens"] if self.tree else [])}
+            out.update(
                 target_passes=passes,
-                drafted_tokens=total("drafted_tokens"),
-                accepted_tokens=total("accepted_tokens"),
-                new_tokens=new_tokens,
-                acceptance_length=new_tokens / row_passes if row_passes else 0.0,
+                acceptance_length=out["new_tokens"] / row_passes if row_passes else 0.0,
                 accepted_per_pass=list(self.accepted_per_pass),
                 drafted_per_pass=list(self.drafted_per_pass),
-                visual_tokens=total("visual_tokens"),
-                visual_tokens_kept=total("visual_tokens_kept"),
-            )
-            if self.tree:
-                out["side_branch_tokens"] = total("side_branch_tokens")
-            out.update(
                 batch_size=len(self.rows),
                 row_passes=row_passes,
-                tokens_per_pass=new_tokens / passes if passes else 0.0,
+                tokens_per_pass=out["new_tokens"] / passes if passes else 0.0,
                 active_rows_per_pass=list(self.active_rows_per_pass),
                 target_cache_compactions=self.target_cache_compactions,
-                rows=[r.as_dict(self.tree) for r in self.rows],
+                rows=rows,
             )
         if self.tree_size is not None:
             out["tree_size"] = asdict(self.tree_size)

@@ -142,6 +142,14 @@ class DreamFeatureMemory:
             self._storage[index] = stored
         self.length = max(self.length, needed)
 
+    def append(self, features: torch.Tensor) -> None:
+        """Write `features (rows, n, hidden)` at the next n slots."""
+        self.write(features, self.length)
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` slots (no-op if already that short)."""
+        self.length = min(self.length, length)
+
     def select_rows(self, rows: torch.LongTensor) -> None:
         """Keep only `rows`, in that order (finished rows leave the batch)."""
         self._storage = [None if t is None else t.index_select(0, rows.to(t.device)) for t in self._storage]

@@ -47,7 +47,7 @@ class DreamConfig(PreTrainedConfig):
             fully accepted draft, -1 otherwise, never below 1); `"auto"` times verification
             passes and a drafter step on this machine once, estimates the acceptance rate from
             the rounds seen (remembered across calls) and drafts the length with the best
-            expected tokens per second, 1..8 (`hf_dream.generation.draft_length`; batch-1 chain
+            expected tokens per second, 1..8 (`hf_dream.generation.cost_model`; batch-1 chain
             decoding; batches draft `num_draft_tokens`).
         draft_vocab_size (`int`, *optional*): If set, the drafter predicts only this many of the
             target's tokens (the most frequent ones in its training data, EAGLE-3 style): its

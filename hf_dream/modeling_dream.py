@@ -61,40 +61,107 @@ class DreamDraftOutput(ModelOutput):
     first_block_hidden: torch.Tensor | None = None
 
 
-class DreamFeatureMemory:
-    """Target features the drafter attends to, one entry per sequence position.
+# The feature memory grows in steps of this many positions (fewer reallocations while decoding).
+MEMORY_GROWTH = 64
 
-    Holds the raw features (for the EAGLE-style `concat` fusion and for reuse) and, for the
-    cross-attention fusion, their key/value projections, computed once per position. Entries
-    can be speculative (the drafter's own features for drafted tokens) and are cropped away
-    once the target's real features of the accepted tokens arrive.
+
+class DreamFeatureMemory:
+    """Target features the drafter attends to: slot p of row r holds the target's last-layer
+    feature at row r's own sequence position p (padding excluded). The one memory of every
+    decoding mode (chain, tree, batch) and of training.
+
+    Holds the raw features (for the EAGLE-style `concat` fusion) and, for the cross-attention
+    fusion, their key/value projections, computed once per position. Slots are written, not
+    appended, because rows sit at different positions. A slot at or after a row's frontier may
+    hold a stale value (a rejected draft's feature, or the drafter's own estimate): a query at
+    position p reads slots `< p` only, and every slot is rewritten before a query can read it.
+    `features` / `keys` / `values` are views of the slots written so far (storage grows in steps
+    of `MEMORY_GROWTH`).
     """
 
-    def __init__(self, model: DreamDraftModel):
+    def __init__(self, model: DreamDraftModel, features=None, keys=None, values=None):
         self.model = model
-        self.features: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self._storage = [features, keys, values]  # (rows, capacity, hidden), (rows, kv_heads, capacity, head_dim) x 2
+        self.length = 0 if features is None else features.shape[1]
 
     def __len__(self) -> int:
-        return 0 if self.features is None else self.features.shape[1]
+        return self.length
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        return self._view(0)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._view(1)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._view(2)
+
+    def _view(self, index: int):
+        tensor = self._storage[index]
+        return None if tensor is None else tensor.narrow(1 if index == 0 else 2, 0, self.length)
+
+    def project(self, features: torch.Tensor):
+        """`(features, keys, values)` for `features (rows, n, hidden)`: keys/values are None without cross-attention."""
+        features = features.to(self.model.dtype)
+        if self.model.cross_block is None:
+            return features, None, None
+        return (features, *self.model.cross_block.cross_attn.project_memory(features))
+
+    def write(self, features: torch.Tensor, start, keys=None, values=None) -> None:
+        """Write `features (rows, n, hidden)` at slots `start[r] .. start[r] + n - 1` of each row
+        (`start` an int or a `(rows,)` tensor); `keys`/`values` are their projections if already known."""
+        new = self.project(features) if keys is None else (features, keys, values)
+        count = new[0].shape[1]
+        if torch.is_tensor(start) and start.numel() > 1 and not bool((start == start[0]).all()):
+            needed, first = int((start + count).max()), None
+        else:  # every row writes the same slots: a slice assignment
+            first = int(start.reshape(-1)[0]) if torch.is_tensor(start) else int(start)
+            needed = first + count
+        capacity = 0 if self._storage[0] is None else self._storage[0].shape[1]
+        for index, tensor in enumerate(new):
+            if tensor is None:
+                continue
+            dim = 1 if index == 0 else 2
+            stored = self._storage[index]
+            if stored is None:
+                shape = list(tensor.shape)
+                shape[dim] = needed
+                stored = tensor.new_zeros(shape)
+            elif needed > capacity:
+                grow = [0, 0] * (stored.dim() - dim - 1) + [0, max(needed - capacity, MEMORY_GROWTH)]
+                stored = F.pad(stored, grow)
+            tensor = tensor.to(stored.dtype)
+            if first is not None:
+                stored.narrow(dim, first, count).copy_(tensor)
+            else:
+                slots = start.to(stored.device)[:, None] + torch.arange(count, device=stored.device)
+                slots = slots[:, None, :, None] if dim == 2 else slots[..., None]
+                stored.scatter_(dim, slots.expand(tensor.shape), tensor)
+            self._storage[index] = stored
+        self.length = max(self.length, needed)
 
     def append(self, features: torch.Tensor) -> None:
-        """Add `features (batch, n, hidden)` for the next n positions, projecting their keys/values (cross fusion)."""
-        features = features.to(self.model.dtype)
-        self.features = features if self.features is None else torch.cat([self.features, features], dim=1)
-        if self.model.cross_block is not None:
-            keys, values = self.model.cross_block.cross_attn.project_memory(features)
-            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
-            self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        """Write `features (rows, n, hidden)` at the next n slots."""
+        self.write(features, self.length)
 
     def crop(self, length: int) -> None:
-        """Keep only the first `length` positions (drops speculative entries); no-op if already that short."""
-        if self.features is None or length >= len(self):
-            return
-        self.features = self.features[:, :length]
-        if self.keys is not None:
-            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        """Keep only the first `length` slots (no-op if already that short)."""
+        self.length = min(self.length, length)
+
+    def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows`, in that order (finished rows leave the batch)."""
+        self._storage = [None if t is None else t.index_select(0, rows.to(t.device)) for t in self._storage]
+
+    def fork(self, rows: torch.LongTensor, length: int) -> DreamFeatureMemory:
+        """A new memory whose row i is a copy of row `rows[i]`'s first `length` slots (speculative
+        rows, e.g. tree nodes, then write their own ancestors' features after them)."""
+        length = min(length, self.length)
+        views = [self._view(i) for i in range(3)]
+        picked = [None if t is None else t.index_select(0, rows.to(t.device)).narrow(1 if i == 0 else 2, 0, length) for i, t in enumerate(views)]
+        return DreamFeatureMemory(self.model, *picked)
 
 
 class DreamCrossAttention(nn.Module):
@@ -204,7 +271,9 @@ class DreamDraftModel(DreamPreTrainedModel):
             self.draft_vocab = None
         self.target_adapter: TargetAdapter | None = None
         self.last_stats: dict | None = None
-        self.batch_rows: list[int] | None = None  # set during batched decoding (see BatchedDrafter)
+        # the input batch row of every row of the drafter's current forward, set by the custom
+        # decoding loops (`DrafterState`) for row-keyed test drafters; None otherwise
+        self.batch_rows: list[int] | None = None
         self.post_init()
 
     # --- target ----------------------------------------------------------------------------
@@ -292,7 +361,7 @@ class DreamDraftModel(DreamPreTrainedModel):
         """An empty [`DreamFeatureMemory`] for this drafter, or one holding `target_features` if given."""
         memory = DreamFeatureMemory(self)
         if target_features is not None:
-            memory.append(target_features)
+            memory.write(target_features, 0)
         return memory
 
     def forward(

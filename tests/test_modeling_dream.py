@@ -78,6 +78,28 @@ def test_incremental_decoding_matches_full_forward(fusion):
     assert torch.allclose(torch.cat(pieces, dim=1), full.logits, atol=1e-5)
 
 
+def test_feature_memory_slots_per_row():
+    """The one feature memory of every mode: slot p of a row is that row's position p, written per
+    row at different starts, appended and cropped (chains), forked per tree node, rows selected."""
+    drafter = DreamDraftModel.from_target(cached_target("llava"))
+    hidden = drafter.config.hidden_size
+    first, more = torch.randn(2, 4, hidden), torch.randn(2, 2, hidden)
+    memory = drafter.new_memory(first)
+    memory.write(more, torch.tensor([1, 3]))  # rows at different positions
+    assert len(memory) == 5 and memory.keys.shape[2] == 5
+    assert torch.equal(memory.features[0, 1:3], more[0]) and torch.equal(memory.features[1, 3:5], more[1])
+    assert torch.equal(memory.features[0, 0], first[0, 0]) and torch.equal(memory.features[1, :3], first[1, :3])
+    keys, _ = drafter.cross_block.cross_attn.project_memory(more)
+    torch.testing.assert_close(memory.keys[1, :, 3:5], keys[1])
+    fork = memory.fork(torch.tensor([1, 1, 1]), 3)
+    assert fork.features.shape == (3, 3, hidden) and torch.equal(fork.features[2], first[1, :3])
+    memory.crop(2)
+    memory.append(more)
+    assert len(memory) == 4 and torch.equal(memory.features[:, 2:4], more)
+    memory.select_rows(torch.tensor([1]))
+    assert memory.features.shape == (1, 4, hidden) and torch.equal(memory.features[0, 2:4], more[1])
+
+
 def test_save_load_round_trip_without_target_weights(tmp_path):
     target = cached_target("gemma3")
     drafter = trained_looking(DreamDraftModel.from_target(target, visual_keep_ratio=0.5))

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import hf_dream  # noqa: E402
-from hf_dream.generation.tree_size import median_seconds  # noqa: E402
+from hf_dream.generation.cost_model import median_seconds  # noqa: E402
 from hf_dream.testing import SUPPORTED_TINY_FAMILIES, build_tiny_target, make_tiny_inputs  # noqa: E402
 
 

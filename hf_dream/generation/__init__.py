@@ -1,6 +1,8 @@
 from .batched import batched_generate
 from .candidate_generator import DreamCandidateGenerator
+from .engine import DraftTree
 from .hook import install, uninstall
-from .tree import DraftTree, compact_cache, tree_generate, verify_tree
+from .kv_cache import compact_cache
+from .tree import tree_generate, verify_tree
 
 __all__ = ["DraftTree", "batched_generate", "DreamCandidateGenerator", "compact_cache", "install", "tree_generate", "uninstall", "verify_tree"]

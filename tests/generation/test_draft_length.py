@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import check_stats, oracle_drafter
 
-from hf_dream.generation import draft_length
-from hf_dream.generation.draft_length import best_draft_length, expected_tokens, interpolate_costs
+from hf_dream.generation import cost_model
+from hf_dream.generation.cost_model import PairMemory, best_draft_length, expected_tokens, interpolate_costs
 
 NEW_TOKENS = 48
 FLAT = {n: 0.010 for n in range(1, 10)}  # a GPU: a pass over 9 tokens costs what a pass over one does
@@ -37,9 +37,9 @@ def test_interpolate_costs():
 
 @pytest.fixture
 def flat_costs(monkeypatch):
-    monkeypatch.setattr(draft_length, "_ESTIMATES", {})
-    monkeypatch.setattr(draft_length, "measure_verification_costs", lambda model, length, sizes: {n: FLAT[n] for n in sizes})
-    monkeypatch.setattr(draft_length, "measure_draft_level_cost", lambda state: 0.001)
+    monkeypatch.setattr(cost_model, "_ESTIMATES", PairMemory())
+    monkeypatch.setattr(cost_model, "measure_verification_costs", lambda model, length, sizes: {n: FLAT[n] for n in sizes})
+    monkeypatch.setattr(cost_model, "measure_draft_step_cost", lambda state: 0.001)
 
 
 def test_auto_schedule_is_lossless_and_follows_the_drafter(target, inputs, flat_costs):
@@ -69,3 +69,24 @@ def test_auto_schedule_sampling_runs(target, inputs, flat_costs):
     output = target.generate(**inputs, max_new_tokens=16, do_sample=True, assistant_model=drafter)
     assert output.shape[1] <= inputs["input_ids"].shape[1] + 16
     check_stats(drafter.last_stats, inputs["input_ids"].shape[1], output)
+
+
+def test_remembered_estimates_die_with_their_models():
+    """Caches are keyed by weak references, never by id(): a new model at a recycled address
+    starts from the prior, and nothing keeps a dead model's entry."""
+    import gc
+
+    from torch import nn
+
+    memory = PairMemory()
+    target, drafter = nn.Linear(1, 1), nn.Linear(1, 1)
+    memory.set(target, drafter, 0.5)
+    memory.set(target, None, {1: 0.1}, key="costs")
+    assert memory.get(target, drafter) == 0.5 and memory.get(target, None, "costs") == {1: 0.1}
+    assert memory.get(target, nn.Linear(1, 1), default="prior") == "prior"
+    del drafter
+    gc.collect()
+    assert len(memory._by_target[target]["drafters"]) == 0
+    del target
+    gc.collect()
+    assert len(memory._by_target) == 0

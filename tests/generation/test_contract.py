@@ -1,0 +1,622 @@
+"""The decoding contract, one suite for every mode: chain (`assistant_model=`, batch 1, through
+transformers' assisted loop), tree (`custom_generate=tree_generate`), batch (a batch with
+`assistant_model=`, routed to `batched_generate`) and batched tree (`tree_generate` on a batch),
+x family x greedy / sampling.
+
+Greedy output equals plain `generate` exactly (rows of a batch: plain batched generate, and each
+prompt alone), including rounds with partial acceptance, side branches, EOS and max_new_tokens
+inside a draft; sampling keeps the target's distribution (chi-square against the exact marginals
+on a tiny vocabulary), and a deliberately wrong acceptance fails the same test in every mode.
+Every mode's acceptance is the shared one (`engine.accept`; the chain's, transformers', agrees
+with it)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import cached_target, check_stats
+
+from hf_dream import DreamDraftModel
+from hf_dream.generation import engine
+from hf_dream.generation.candidate_generator import DreamCandidateGenerator
+from hf_dream.generation.tree import tree_generate
+from hf_dream.testing import build_tiny_target, make_tiny_inputs, stack_tiny_inputs, tiny_inputs_row
+
+MODES = ["chain", "tree", "batch", "batched_tree"]
+CUSTOM_MODES = ["tree", "batch", "batched_tree"]  # our own loops (the chain runs in transformers')
+TREE_MODES = ["tree", "batched_tree"]
+BATCH_MODES = ["batch", "batched_tree"]
+TREE = dict(tree_top_k=4, tree_depth=5, tree_total_tokens=16)
+NEW_TOKENS = 30
+
+
+# --- cases and runs ------------------------------------------------------------------------------
+def ragged_rows(target) -> list[dict]:
+    """Three prompts of different text lengths; the second holds two images."""
+    return [
+        make_tiny_inputs(target, seed=1),
+        make_tiny_inputs(target, seed=2, num_images=2, text_len_before=2),
+        make_tiny_inputs(target, seed=3, text_len_before=9, text_len_after=1),
+    ]
+
+
+def case(mode: str, target) -> tuple[dict, list[dict]]:
+    """The inputs of a mode (one prompt, or a ragged batch of three) and its rows, each alone."""
+    rows = ragged_rows(target) if mode in BATCH_MODES else [make_tiny_inputs(target, seed=1)]
+    return (stack_tiny_inputs(target, rows) if len(rows) > 1 else rows[0]), rows
+
+
+def run(mode: str, target, inputs: dict, drafter, **kwargs):
+    if mode in TREE_MODES:
+        return target.generate(**inputs, custom_generate=tree_generate, drafter=drafter, **{**TREE, **kwargs})
+    return target.generate(**inputs, assistant_model=drafter, **kwargs)
+
+
+def new_tokens_alone(target, rows, **kwargs) -> list[torch.Tensor]:
+    """Each prompt decoded alone with plain generate: its new tokens."""
+    return [target.generate(**row, **kwargs)[0, row["input_ids"].shape[1] :] for row in rows]
+
+
+def row_sequences(rows: list[dict], output: torch.Tensor, width: int) -> dict[int, torch.Tensor]:
+    """Row r's unpadded prompt plus its new tokens in `output` (after `width` prompt columns): what a row oracle predicts."""
+    return {r: torch.cat([row["input_ids"][0], output[r, width:]]) for r, row in enumerate(rows)}
+
+
+def position_kind(row: int, position: int) -> str:
+    """Deterministic pseudo-random role of a (row, position) for the oracle: the target's token is
+    the drafter's first choice ("top"), its second behind a wrong token ("side"), or nowhere in its
+    top-k ("miss"). A chain (top-1) stops at side positions, a tree goes through them."""
+    draw = random.Random(row * 104729 + position * 7919 + 17).random()
+    return "miss" if draw < 0.2 else "side" if draw < 0.5 else "top"
+
+
+class ModeOracleDraftModel(DreamDraftModel):
+    """A drafter that knows each row's continuation, for every mode.
+
+    It runs the real DREAM network (caches, feature memory, compression are exercised) and then
+    overrides the logits by (row, position): the right token first, second behind a wrong one, or
+    far below the top-k. Rows are `self.row` plus the input batch rows the custom loops expose as
+    `drafter.batch_rows` (in transformers' chain loop, none: row `self.row`), so a prompt decoded
+    alone with `row=r` is drafted for exactly as row r of a batch.
+    """
+
+    oracles: dict[int, torch.Tensor] | None = None
+    row: int = 0
+
+    def forward(self, inputs_embeds, position_ids, *args, **kwargs):
+        output = super().forward(inputs_embeds, position_ids, *args, **kwargs)
+        logits = torch.full_like(output.logits, -10.0)
+        vocab = logits.shape[-1]
+        rows = [self.row + r for r in self.batch_rows] if self.batch_rows is not None else [self.row] * position_ids.shape[0]
+        for index, positions in enumerate(position_ids.tolist()):
+            sequence = self.oracles[rows[index]]
+            for column, position in enumerate(positions):
+                following = position + 1
+                right = int(sequence[following]) % vocab if following < len(sequence) else 0
+                kind = position_kind(rows[index], following)
+                logits[index, column, right if kind == "top" else (right + 1) % vocab] = 10.0
+                if kind == "side":
+                    logits[index, column, right] = 8.0
+                elif kind == "miss":
+                    logits[index, column, right] = -30.0
+        output.logits = logits
+        return output
+
+
+def mode_oracle(target, sequences: dict[int, torch.Tensor], row: int = 0, **overrides) -> ModeOracleDraftModel:
+    drafter = ModeOracleDraftModel(DreamDraftModel.config_for_target(target, **overrides))
+    drafter.attach_target(target)
+    drafter.oracles, drafter.row = sequences, row
+    return drafter
+
+
+def check_row_stats(stats: dict, new_tokens: list[int]) -> None:
+    """Per-row statistics read like batch-1 statistics; batch totals are their sums."""
+    for row_stats, count in zip(stats["rows"], new_tokens):
+        assert row_stats["new_tokens"] == count
+        assert row_stats["target_passes"] == len(row_stats["accepted_per_pass"]) == len(row_stats["drafted_per_pass"]) + 1
+        assert sum(a + 1 for a in row_stats["accepted_per_pass"]) == count
+        assert row_stats["accepted_tokens"] == sum(row_stats["accepted_per_pass"])
+        assert row_stats["drafted_tokens"] == sum(row_stats["drafted_per_pass"])
+        assert row_stats["acceptance_length"] == pytest.approx(count / row_stats["target_passes"])
+    rows = stats["rows"]
+    for key in ("new_tokens", "accepted_tokens", "drafted_tokens"):
+        assert stats[key] == sum(r[key] for r in rows)
+    assert stats["row_passes"] == sum(r["target_passes"] for r in rows) == sum(stats["active_rows_per_pass"])
+    assert stats["target_passes"] == max(r["target_passes"] for r in rows) == len(stats["active_rows_per_pass"])
+    assert stats["acceptance_length"] == pytest.approx(stats["new_tokens"] / stats["row_passes"])
+    assert stats["tokens_per_pass"] == pytest.approx(stats["new_tokens"] / stats["target_passes"])
+    assert sum(stats["accepted_per_pass"]) == stats["accepted_tokens"]
+
+
+def check_mode_stats(mode: str, stats: dict, inputs: dict, output: torch.Tensor, target, rows, **kwargs) -> None:
+    """`last_stats` agrees with itself and with the output, in the mode's layout (rows of a batch:
+    with the numbers of new tokens of each prompt decoded alone with plain generate and `kwargs`)."""
+    if mode in BATCH_MODES:
+        check_row_stats(stats, [len(t) for t in new_tokens_alone(target, rows, **kwargs)])
+    else:
+        check_stats(stats, inputs["input_ids"].shape[1], output)
+
+
+def assert_rows_match(output, width: int, expected: list[torch.Tensor], pad_token_id: int) -> None:
+    """Row r of a batched output = its padded prompt, then exactly `expected[r]`, then padding."""
+    steps = output.shape[1] - width
+    assert steps == max(len(tokens) for tokens in expected)
+    for row, tokens in enumerate(expected):
+        padding = torch.full((steps - len(tokens),), pad_token_id, dtype=torch.long)
+        assert torch.equal(output[row, width:], torch.cat([tokens, padding])), f"row {row} differs"
+
+
+def row_passes(stats: dict) -> list[dict]:
+    return stats["rows"] if "rows" in stats else [stats]
+
+
+# --- greedy ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_output_is_plain_greedy_output(mode, family):
+    """Partial, full and no acceptance; side branches in trees; identical output."""
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    reference = target.generate(**inputs, **greedy)
+    if mode in BATCH_MODES:  # plain batching is exact here: each row as its prompt alone
+        assert_rows_match(reference, inputs["input_ids"].shape[1], new_tokens_alone(target, rows, **greedy), target.tiny_spec.pad_token_id)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]), num_draft_tokens=3)
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, reference)
+    stats = drafter.last_stats
+    check_mode_stats(mode, stats, inputs, output, target, rows, **greedy)
+    assert drafter.batch_rows is None  # the loops leave no decoding state on the module
+    assert stats.get("batch_size", 1) == len(rows)
+    assert stats["acceptance_length"] > 1.2
+    kinds = set()
+    for row_stats in row_passes(stats):
+        accepted = row_stats["accepted_per_pass"][1:]
+        if mode in TREE_MODES:  # through non-first children, and some rounds stopped inside the tree
+            assert row_stats["side_branch_tokens"] > 0 and max(row_stats["drafted_per_pass"]) <= TREE["tree_total_tokens"]
+            assert any(0 < a < TREE["tree_depth"] for a in accepted)
+        kinds |= {"none" if a == 0 else "full" if a == d else "partial" for d, a in zip(row_stats["drafted_per_pass"], accepted)}
+    if mode in TREE_MODES:
+        assert {"none", "partial"} <= kinds
+    else:
+        assert kinds == {"none", "partial", "full"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fusion):
+    """A real (random) drafter: mostly rejected drafts, its own features in trees, still exact."""
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=20, do_sample=False)
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, target.generate(**inputs, **greedy))
+    check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reduced_draft_vocabulary_greedy_output_is_plain_greedy_output(mode, family):
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    reference = target.generate(**inputs, **greedy)
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target, draft_vocab_size=32)
+    # a draft vocabulary holding half of the tokens the target will produce
+    produced = reference[:, inputs["input_ids"].shape[1] :].unique()
+    vocab = torch.cat([produced[::2], torch.tensor([t for t in range(200) if t not in produced.tolist()])])[:32]
+    drafter.set_draft_vocab(vocab.sort().values)
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, reference)
+    check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eos_inside_a_draft(mode, family):
+    """An EOS id the target produces late (batch: one that some rows produce early and others
+    never): rows stop there, padded with pad_token_id as in plain generate."""
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    long_run = new_tokens_alone(target, rows, max_new_tokens=NEW_TOKENS, do_sample=False)
+    first = [{} for _ in rows]
+    for r, tokens in enumerate(long_run):
+        for index, token in enumerate(tokens.tolist()):
+            first[r].setdefault(token, index)
+    if len(rows) == 1:  # as late as possible, at a position the oracle can accept
+        width = inputs["input_ids"].shape[1]
+        eos_index, eos = max((i, t) for t, i in first[0].items() if i > 0 and position_kind(0, width + i) == "top")
+    else:  # the token some row reaches earliest (after its first token) while another row never emits it
+        candidates = [(min(f[t] for f in first if t in f), t) for t in set().union(*first) if any(t not in f for f in first) and all(f.get(t, 1) >= 1 for f in first)]
+        _, eos = min(candidates)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
+    plain = target.generate(**inputs, **greedy)
+    lengths = [len(t) for t in new_tokens_alone(target, rows, **greedy)]
+    if len(rows) == 1:
+        assert lengths == [eos_index + 1] and int(plain[0, -1]) == eos
+    else:  # some rows stop early, some do not
+        assert min(lengths) < NEW_TOKENS == max(lengths)
+        assert_rows_match(plain, inputs["input_ids"].shape[1], new_tokens_alone(target, rows, **greedy), target.tiny_spec.pad_token_id)
+    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], long_run[r]]) for r, row in enumerate(rows)})
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, plain)
+    stats = drafter.last_stats
+    check_mode_stats(mode, stats, inputs, output, target, rows, **greedy)
+    if len(rows) > 1:
+        assert stats["active_rows_per_pass"][-1] < len(rows)  # finished rows left the batch
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7, 13])
+def test_max_new_tokens_inside_a_draft(mode, max_new_tokens):
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    reference = target.generate(**inputs, **greedy)
+    # the oracle drafts past the end; drafts are cut to the remaining budget
+    long_run = new_tokens_alone(target, rows, max_new_tokens=max_new_tokens + 10, do_sample=False)
+    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], long_run[r]]) for r, row in enumerate(rows)}, num_draft_tokens=5)
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, reference) and output.shape[1] == inputs["input_ids"].shape[1] + max_new_tokens
+    stats = drafter.last_stats
+    check_mode_stats(mode, stats, inputs, output, target, rows, **greedy)
+    for row_stats in row_passes(stats):
+        if mode not in TREE_MODES:
+            assert max(row_stats["drafted_per_pass"] or [0]) <= max(max_new_tokens - 1, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_repeated_calls_reset_state(mode, family):
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    reference = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    first = run(mode, target, inputs, drafter, max_new_tokens=20, do_sample=False)
+    stats = dict(drafter.last_stats)
+    second = run(mode, target, inputs, drafter, max_new_tokens=20, do_sample=False)
+    assert torch.equal(first, second) and torch.equal(first, reference)
+    assert drafter.last_stats["target_passes"] == stats["target_passes"]
+
+
+@pytest.mark.parametrize("mode", BATCH_MODES)
+def test_a_batch_row_decodes_as_its_prompt_alone(mode, family):
+    """Each row of a batch drafts and accepts exactly what its prompt alone does in the
+    batch-1 mode (chain for batches, tree for batched trees), visual-token compression included."""
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    sequences = row_sequences(rows, target.generate(**inputs, **greedy), inputs["input_ids"].shape[1])
+    drafter = mode_oracle(target, sequences)
+    run(mode, target, inputs, drafter, **greedy)
+    stats = drafter.last_stats
+    alone_mode = "tree" if mode in TREE_MODES else "chain"
+    for r, row in enumerate(rows):
+        single = mode_oracle(target, sequences, row=r)
+        run(alone_mode, target, row, single, **greedy)
+        for key in ("drafted_per_pass", "accepted_per_pass", "visual_tokens", "visual_tokens_kept"):
+            assert stats["rows"][r][key] == single.last_stats[key], (r, key)
+        assert stats["rows"][r]["visual_tokens_kept"] < stats["rows"][r]["visual_tokens"]
+
+
+def test_a_tree_accepts_more_than_a_chain_with_the_same_drafter(target, inputs):
+    reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    drafter = mode_oracle(target, {0: reference[0]})
+    assert torch.equal(run("tree", target, inputs, drafter, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+    tree_tau = drafter.last_stats["acceptance_length"]
+    assert torch.equal(run("chain", target, inputs, drafter, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+    assert tree_tau > drafter.last_stats["acceptance_length"]
+
+
+@pytest.mark.parametrize("mode", CUSTOM_MODES)
+def test_gemma3_sliding_window_smaller_than_the_sequence(mode):
+    """Sliding layers that overflow their window: tree masks follow the window, rows are re-packed
+    after every round that left holes, and sliding layers are trimmed back to their window."""
+    target = copy.deepcopy(cached_target("gemma3"))
+    target.config.text_config.sliding_window = 8
+    for layer in target.model.language_model.layers:
+        if layer.self_attn.is_sliding:
+            layer.self_attn.sliding_window = 8
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    reference = target.generate(**inputs, **greedy)
+    if mode in BATCH_MODES:
+        assert_rows_match(reference, inputs["input_ids"].shape[1], new_tokens_alone(target, rows, **greedy), target.tiny_spec.pad_token_id)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    assert torch.equal(run(mode, target, inputs, drafter, **greedy), reference)
+    assert drafter.last_stats["acceptance_length"] > 1.5
+    if mode in BATCH_MODES:
+        assert drafter.last_stats["target_cache_compactions"] > 0
+
+
+@pytest.mark.parametrize("mode", TREE_MODES)
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_eager_attention_takes_the_additive_tree_mask(mode, family):
+    target = build_tiny_target(family, attn_implementation="eager")
+    inputs, rows = case(mode, target)
+    reference = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    assert torch.equal(run(mode, target, inputs, drafter, max_new_tokens=20, do_sample=False), reference)
+    assert all(r["side_branch_tokens"] > 0 for r in row_passes(drafter.last_stats))
+
+
+@pytest.mark.parametrize("mode", CUSTOM_MODES)
+def test_prefix_dependent_processors(mode):
+    """Processors that read each row's prefix (repetition penalty, min_new_tokens,
+    no_repeat_ngram) see exactly what plain generate shows them, with the heuristic schedule."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.3, min_new_tokens=12, no_repeat_ngram_size=2)
+    plain = target.generate(**inputs, **kwargs)
+    assert torch.equal(new_tokens_alone(target, rows[:1], **kwargs)[0], plain[0, inputs["input_ids"].shape[1] :])
+    drafter = mode_oracle(target, row_sequences(rows, plain, inputs["input_ids"].shape[1]), draft_schedule="heuristic", num_draft_tokens=2)
+    assert torch.equal(run(mode, target, inputs, drafter, **kwargs), plain)
+    if mode not in TREE_MODES:
+        assert len({d for r in row_passes(drafter.last_stats) for d in r["drafted_per_pass"]}) > 1
+
+
+@pytest.mark.parametrize("mode", CUSTOM_MODES)
+def test_other_stopping_criteria_are_applied_per_row(mode):
+    """A user stopping criterion (stop after a given token) ends rows one by one, on each row's
+    own sequence, as in plain generate."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    target = cached_target("idefics3")
+    inputs, rows = case(mode, target)
+    long_run = new_tokens_alone(target, rows, max_new_tokens=NEW_TOKENS, do_sample=False)
+    stop_row = 1 if len(rows) > 1 else 0
+    stop = int(long_run[stop_row][5])
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter(stop)]))
+    plain = target.generate(**inputs, **kwargs)
+    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], long_run[r]]) for r, row in enumerate(rows)})
+    output = run(mode, target, inputs, drafter, **kwargs)
+    assert torch.equal(output, plain)
+    assert row_passes(drafter.last_stats)[stop_row]["new_tokens"] <= 6
+    if len(rows) > 1:
+        assert output.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS  # not every row stopped
+
+
+@pytest.mark.parametrize("mode", CUSTOM_MODES)
+@pytest.mark.parametrize("family", ["llava", "pixtral"])
+def test_scores_and_streamer_follow_plain_generate(mode, family):
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    plain_tokens = new_tokens_alone(target, rows, max_new_tokens=12, do_sample=False)
+    eos = int(plain_tokens[0][3]) if len(rows) > 1 else None  # a batch: row 0 stops after 4 tokens
+    plain = target.generate(**inputs, **kwargs, eos_token_id=eos)
+
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    streamer = Recorder()
+    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], plain_tokens[r]]) for r, row in enumerate(rows)})
+    output = run(mode, target, inputs, drafter, **kwargs, eos_token_id=eos, streamer=streamer)
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(output.sequences, plain.sequences)
+    lengths = (output.sequences[:, width:] != target.tiny_spec.pad_token_id).sum(1) if len(rows) > 1 else torch.tensor([12])
+    assert len(output.scores) == len(plain.scores) == 12
+    for step, (mine, theirs) in enumerate(zip(output.scores, plain.scores)):
+        live = step < lengths  # plain generate keeps scoring finished rows; those are not compared
+        torch.testing.assert_close(mine[live], theirs[live], atol=1e-4, rtol=1e-4)
+    assert streamer.ended and torch.equal(streamer.chunks[0], inputs["input_ids"])
+    assert torch.equal(torch.stack([c.reshape(-1) for c in streamer.chunks[1:]], dim=1), plain.sequences[:, width:])
+
+
+# --- the shared acceptance -------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", CUSTOM_MODES)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_every_custom_mode_accepts_through_the_shared_acceptance(mode, do_sample, monkeypatch):
+    """Every verified round of every row goes through `engine.accept` (a mode with an acceptance
+    of its own fails this), and what it accepts is what the row gains."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    walks = []
+    shared = engine.accept
+
+    def spy(tree, node_scores, sample, eos_token_ids=None):
+        walks.append(shared(tree, node_scores, sample, eos_token_ids))
+        assert sample == do_sample
+        return walks[-1]
+
+    monkeypatch.setattr(engine, "accept", spy)
+    torch.manual_seed(0)
+    run(mode, target, inputs, drafter, max_new_tokens=NEW_TOKENS, do_sample=do_sample)
+    per_row = row_passes(drafter.last_stats)
+    assert len(walks) == sum(r["target_passes"] - 1 for r in per_row) > 0
+    assert sum(min(len(w.path), NEW_TOKENS) for w in walks) >= sum(r["accepted_tokens"] for r in per_row)
+
+
+def test_the_chain_acceptance_is_the_shared_acceptance(target, inputs, monkeypatch):
+    """transformers' assisted loop accepts the chain's drafts itself; replayed on a width-1
+    tree, the shared greedy acceptance accepts exactly as many drafts, round by round."""
+    reference = target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    drafter = mode_oracle(target, {0: reference[0]})
+    rounds = []
+    original = DreamCandidateGenerator.update_candidate_strategy
+
+    def record(self, input_ids, scores, num_matches):
+        if self.num_drafted:
+            rounds.append((self.last_candidates, scores, int(num_matches)))
+        return original(self, input_ids, scores, num_matches)
+
+    original_get = DreamCandidateGenerator.get_candidates
+
+    def get(self, input_ids, *args, **kwargs):
+        candidates, logits = original_get(self, input_ids, *args, **kwargs)
+        self.last_candidates = candidates[0, input_ids.shape[1] :]
+        return candidates, logits
+
+    monkeypatch.setattr(DreamCandidateGenerator, "update_candidate_strategy", record)
+    monkeypatch.setattr(DreamCandidateGenerator, "get_candidates", get)
+    assert torch.equal(target.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, assistant_model=drafter), reference)
+    assert rounds and any(0 < n < len(d) for d, _, n in rounds)
+    for drafts, scores, num_matches in rounds:
+        tree = engine.DraftTree.chain(0, drafts)
+        walk = engine.accept(tree, lambda node, scores=scores: scores[:, node], do_sample=False)
+        assert len(walk.path) == num_matches
+
+
+# --- sampling ------------------------------------------------------------------------------------
+VOCAB = 32
+SAMPLES = {"chain": 800, "tree": 600}
+COPIES, CALLS = 16, 50  # batches: each prompt repeated in one batch, 16 samples per call
+GENERATE_KWARGS = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
+SAMPLING_TREE = dict(tree_top_k=3, tree_depth=3, tree_total_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def sampling_target():
+    target = build_tiny_target("llava", seed=11, vocab_size=VOCAB)
+    with torch.no_grad():  # peaked, image-dependent distributions make the test sharp
+        target.lm_head.weight.mul_(40.0)
+    return target
+
+
+def exact_token_marginals(target, inputs, kwargs):
+    """Exact marginal distributions of new tokens 2 and 3 under the target's processed sampling
+    distribution, by enumerating every (t1, t2) prefix in one batched forward each."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**{k: v for k, v in kwargs.items() if k != "max_new_tokens"})
+    processors = target._get_logits_processor(config, input_ids_seq_length=inputs["input_ids"].shape[1])
+
+    def next_probs(prefixes):
+        batch = prefixes.shape[0]
+        repeated = {"input_ids": prefixes, "attention_mask": torch.ones_like(prefixes), "pixel_values": inputs["pixel_values"].repeat(batch, 1, 1, 1)}
+        with torch.no_grad():
+            logits = target(**repeated).logits[:, -1].float()
+        return processors(prefixes, logits).softmax(-1)
+
+    prompt = inputs["input_ids"]
+    p1 = next_probs(prompt)[0]
+    alive1 = (p1 > 0).nonzero().squeeze(-1)  # suppressed ids (the image token...) never occur
+    p2_given_1 = torch.zeros(VOCAB, VOCAB)  # (t1, t2)
+    p2_given_1[alive1] = next_probs(torch.cat([prompt.repeat(len(alive1), 1), alive1[:, None]], dim=1))
+    joint12 = p1[:, None] * p2_given_1
+    pairs = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))
+    alive = joint12.flatten() > 0
+    p3_given_12 = torch.zeros(VOCAB * VOCAB, VOCAB)
+    p3_given_12[alive] = next_probs(torch.cat([prompt.repeat(int(alive.sum()), 1), pairs[alive]], dim=1))
+    p3 = (joint12.flatten()[:, None] * p3_given_12).sum(0)
+    return joint12.sum(0), p3
+
+
+def goodness_of_fit(observed_tokens, expected_probs):
+    from scipy.stats import chisquare
+
+    counts = torch.bincount(observed_tokens, minlength=VOCAB).double()
+    expected = expected_probs.double() * counts.sum()
+    big = expected >= 5  # pool rare cells so the chi-square approximation holds
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    if expected[-1] < 5:  # nothing left to pool
+        observed, expected = observed[:-1], expected[:-1]
+    expected = expected * observed.sum() / expected.sum()
+    pvalue = chisquare(observed.numpy(), expected.numpy()).pvalue
+    print(f"chi-square p={pvalue:.3g} over {len(observed)} cells")
+    return pvalue
+
+
+def sampling_case(mode, target, draft_vocab_size=None):
+    """Prompts (one, or two of different lengths batched as copies), sampling kwargs, the exact
+    marginals per prompt and the mode's drafter: a random drafter with its cross-attention open
+    for chains (sampled drafts), an oracle proposing the mode first or second for trees."""
+    prompts = [make_tiny_inputs(target, seed=6)]
+    if mode in BATCH_MODES:
+        pair = make_tiny_inputs(target, seed=6, batch_size=2)
+        prompts = [tiny_inputs_row(target, pair, r) for r in range(2)]
+    # 4 new tokens: tokens 2 and 3 come from acceptances, sibling tries, residual draws and bonus tokens
+    kwargs = dict(GENERATE_KWARGS, suppress_tokens=sorted(target.tiny_spec.special_token_ids), max_new_tokens=4 if mode != "chain" else 3)
+    marginals = [exact_token_marginals(target, prompt, kwargs) for prompt in prompts]
+    torch.manual_seed(0)
+    if mode in TREE_MODES:
+        greedy = {r: target.generate(**p, max_new_tokens=8, do_sample=False)[0] for r, p in enumerate(prompts)}
+        drafter = mode_oracle(target, {r: greedy[r % len(prompts)] for r in range(len(prompts) * COPIES)})
+    else:
+        drafter = DreamDraftModel.from_target(target, num_draft_tokens=2, visual_keep_ratio=0.75, draft_vocab_size=draft_vocab_size)
+        if draft_vocab_size:  # tokens outside the draft vocabulary have q = 0: still lossless
+            drafter.set_draft_vocab(torch.arange(8, 8 + draft_vocab_size))
+        with torch.no_grad():  # a drafter that really disagrees with the target
+            drafter.cross_block.attn_gate.fill_(1.0)
+    return prompts, kwargs, marginals, drafter
+
+
+def sample(mode, target, prompts, kwargs, drafter):
+    """New tokens per prompt (SAMPLES or COPIES * CALLS each) and the summed statistics."""
+    tokens, totals = [[] for _ in prompts], {"accepted_tokens": 0, "drafted_tokens": 0, "side_branch_tokens": 0}
+    tree = SAMPLING_TREE if mode in TREE_MODES else {}
+    if mode in BATCH_MODES:
+        batch = stack_tiny_inputs(target, prompts * COPIES)
+        calls, width = CALLS, batch["input_ids"].shape[1]
+    else:
+        batch, calls, width = prompts[0], SAMPLES[mode], prompts[0]["input_ids"].shape[1]
+    for seed in range(calls):
+        torch.manual_seed(seed)
+        output = run(mode, target, batch, drafter, **kwargs, **tree)
+        for row in range(output.shape[0]):
+            tokens[row % len(prompts)].append(output[row, width:])
+        for key in totals:
+            totals[key] += drafter.last_stats.get(key, 0)
+    return [torch.stack(t) for t in tokens], totals
+
+
+@pytest.mark.parametrize("mode, draft_vocab_size", [("chain", None), ("chain", 12), ("tree", None), ("batch", None), ("batched_tree", None)])
+def test_sampling_distribution_matches_plain_sampling(mode, draft_vocab_size, sampling_target):
+    prompts, kwargs, marginals, drafter = sampling_case(mode, sampling_target, draft_vocab_size)
+    for p2, p3 in marginals:
+        assert p2.max() < 0.9 and p3.max() < 0.9  # the drafts really get rejected sometimes
+    tokens, totals = sample(mode, sampling_target, prompts, kwargs, drafter)
+    assert 0 < totals["accepted_tokens"] < totals["drafted_tokens"]  # acceptances and rejections both happened
+    if mode in TREE_MODES:  # deep and side-branch acceptances happened
+        assert totals["accepted_tokens"] > len(tokens[0]) and totals["side_branch_tokens"] > len(tokens[0]) // 4
+    for row_tokens, (p2, p3) in zip(tokens, marginals):
+        assert goodness_of_fit(row_tokens[:, 1], p2) > 1e-3
+        assert goodness_of_fit(row_tokens[:, 2], p3) > 1e-3
+
+
+class AlwaysAcceptGenerator(DreamCandidateGenerator):
+    """A wrong chain: reports a near-zero draft probability for every drafted token, so that
+    transformers' acceptance test keeps every draft (output = the drafter's distribution)."""
+
+    def _draft(self, input_ids, output):
+        candidates, logits = super()._draft(input_ids, output)
+        if logits is None:
+            return candidates, None
+        drafted = candidates[:, input_ids.shape[1] :]
+        return candidates, torch.zeros_like(logits).scatter(-1, drafted[..., None], -40.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_wrong_acceptance_fails_the_same_test(mode, sampling_target, monkeypatch):
+    """The custom modes forget the residual (after a rejection the next token is drawn from p
+    instead of max(p - q, 0), which favours drafted tokens); the chain keeps every draft."""
+    prompts, kwargs, marginals, drafter = sampling_case(mode, sampling_target)
+    if mode == "chain":
+        from hf_dream.generation import hook
+
+        monkeypatch.setattr(hook, "DreamCandidateGenerator", AlwaysAcceptGenerator)
+    else:
+        monkeypatch.setattr(engine, "residual_distribution", lambda p, q: p)
+    tokens, _ = sample(mode, sampling_target, prompts, kwargs, drafter)
+    pvalues = [goodness_of_fit(t[:, i], m[i - 1]) for t, m in zip(tokens, marginals) for i in (1, 2)]
+    assert min(pvalues) < 1e-3

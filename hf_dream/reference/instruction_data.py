@@ -50,6 +50,7 @@ class InstructionExample:
     finished: bool | None = None  # the response ended with the stop token (not cut at max_new_tokens)
 
     def to_json(self) -> str:
+        """One line of the data file."""
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
 
 

@@ -149,6 +149,7 @@ class VisionTrainingSet(torch.utils.data.Dataset):
         return len(self.examples)
 
     def image(self, key: tuple[str, int]):
+        """The PIL image of an example: a scene redrawn from its seed, or an easy-VQA file."""
         from PIL import Image
 
         kind, value = key
@@ -238,6 +239,7 @@ class VisionTrainingModel(nn.Module):
                 p.requires_grad_(True)
 
     def trainable_names(self) -> set[str]:
+        """Names of the parameters that train (vision tower, connector, probe heads)."""
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def state_dict(self, *args, **kwargs):  # noqa: D102 - Trainer checkpoints: only the trained tensors

@@ -492,13 +492,13 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
                 for i, r in enumerate(active)
             ]
         verification = verify(model, target_cache, trees, state.lengths - 1 + offsets, last_layer)
-        node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i: rows[active[i]].sequence(), state.rows, batch)
+        node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
 
         # --- accept, stop and record, per row --------------------------------------------------
         kept_nodes, new_tokens, still_active = [], [], []
         for i, r in enumerate(active):
             row, row_tree = rows[r], trees[i]
-            walk = accept(row_tree, lambda node, i=i: node_scores(i, node), do_sample, stopper.eos_ids)
+            walk = accept(row_tree, lambda node, i=i, scores=node_scores: scores(i, node), do_sample, stopper.eos_ids)
             proposed = walk.tokens(row_tree)
             kept, row.finished = stopper.cut(row.sequence, proposed, lambda j, walk=walk: walk.scores[j], len(row.tokens))
             row.tokens.extend(proposed[:kept])

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .drafter_state import DrafterState
 from .cost_model import TreeSize
+from .drafter_state import DrafterState
 from .engine import DraftTree, Verification, process_rows, speculative_generate, verify
 from .kv_cache import RaggedCache, compact_cache  # noqa: F401  (compact_cache: re-exported, public since the first tree release)
 from .validation import check_custom_masks, check_dream_call

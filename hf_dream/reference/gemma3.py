@@ -301,7 +301,6 @@ def vision_recipe(model, processor, spec: VisionSpec = DEFAULT_SPEC):
         forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values, "token_type_ids": (input_ids == image_token_id).long()},
         vqa_prompt=vqa_prompt,
         pad_token_id=processor.tokenizer.pad_token_id,
-        image_tokens=spec.image_seq_len,
     )
 
 

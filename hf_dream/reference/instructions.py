@@ -133,9 +133,4 @@ def all_wordings(split: str) -> set[str]:
     return {w for k in KINDS for w in (k.train if split == "train" else k.heldout)}
 
 
-def is_open_ended(kind: str) -> bool:
-    """Whether answers of `kind` are expected to be paragraphs."""
-    return next(k.open_ended for k in KINDS if k.name == kind)
-
-
-__all__ = ["KINDS", "SPLITS", "InstructionKind", "all_wordings", "instruction_for", "is_open_ended", "kinds_for"]
+__all__ = ["KINDS", "SPLITS", "InstructionKind", "all_wordings", "instruction_for", "kinds_for"]

@@ -99,13 +99,13 @@ def generate(model, processor, prompts: list[str], images: list | None, max_new_
     return results
 
 
-def _length_summary(lengths: list[int]) -> dict[str, Any]:
+def _length_summary(lengths: list[int], limit: int = 256) -> dict[str, Any]:
     ordered = sorted(lengths)
     quantile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {
         "n": len(ordered), "median": statistics.median(ordered), "mean": round(statistics.fmean(ordered), 1),
         "p10": quantile(0.1), "p25": quantile(0.25), "p75": quantile(0.75), "p90": quantile(0.9), "min": ordered[0], "max": ordered[-1],
-        "at_limit_share": None,
+        "at_limit_share": round(sum(n >= limit for n in ordered) / len(ordered), 4),
     }
 
 
@@ -139,7 +139,6 @@ def evaluate_quality(
         ids = generate(model, processor, all_prompts, all_images, 256, batch_size, progress=progress, desc=f"{name} open-ended ({label})", **overrides)
         lengths = [len(x) for x in ids]
         summary = _length_summary(lengths)
-        summary["at_limit_share"] = round(sum(n >= 256 for n in lengths) / len(lengths), 4)
         open_ended[label] = {
             "length": summary,
             "length_scenes": _length_summary(lengths[: len(prompts)]),

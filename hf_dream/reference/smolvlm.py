@@ -395,7 +395,6 @@ def vision_recipe(model, processor, spec: VisionSpec | None = None):
         forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values},
         vqa_prompt=vqa_prompt,
         pad_token_id=processor.tokenizer.pad_token_id,
-        image_tokens=spec.image_seq_len,
     )
 
 

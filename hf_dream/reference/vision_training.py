@@ -89,7 +89,6 @@ class VisionRecipe:
     forward_inputs: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # (input_ids, stacked pixels) -> extra forward kwargs
     vqa_prompt: Callable[[str], str]
     pad_token_id: int
-    image_tokens: int
 
 
 @dataclasses.dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from conftest import check_stats, is_corrupted, oracle_drafter
 
-
 NEW_TOKENS = 48
 
 

@@ -4,7 +4,6 @@ prompt of one, the target cache compacted to exactly what a from-scratch run giv
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import cached_target

@@ -4,7 +4,8 @@ The text model stays frozen (its weights run in bf16 under autocast; the exact f
 back afterwards). The vision encoder and connector learn so that the VLM, shown a scene's *picture* and
 an instruction, gives the response its text model wrote for the scene's *description*
 (`instruction_data.py`), plus easy-VQA questions with their one-word answers so short answers stay
-right. Loss: cross-entropy on the response tokens (the first `max_response_tokens` of each), plus an
+right, plus alignment captions of fresh scenes (the picture -> the scene's description, LLaVA's stage-1
+role: in a response only a few words are about the picture, in a caption nearly all are). Loss: cross-entropy on the response tokens (the first `max_response_tokens` of each), plus an
 auxiliary probe on the image tokens that must name the shapes and colours present and, per cell of
 the 3x3 grid, what stands there: a direct signal for the vision tower (the answer loss reaches it only
 through the frozen layers). The probe is dropped after training.
@@ -64,8 +65,9 @@ class VisionTrainingArguments(TrainingArguments):
     dataloader_num_workers: int = dataclasses.field(default=0, metadata={"help": "data loading workers (default 0)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the data order and of the probe (default 0)"})
 
-    max_response_tokens: int = dataclasses.field(default=80, metadata={"help": "train on the first N tokens of each response (default 80: most of the image's information is said early; the rest of a response follows from them)"})
-    vqa_fraction: float = dataclasses.field(default=0.25, metadata={"help": "share of easy-VQA questions in the mix (default 0.25)"})
+    max_response_tokens: int = dataclasses.field(default=40, metadata={"help": "train on the first N tokens of each response (default 40: most of the image's information is said early; the rest of a response follows from them)"})
+    vqa_fraction: float = dataclasses.field(default=0.2, metadata={"help": "share of easy-VQA questions in the mix, drawn from all of easy-VQA's training questions (default 0.2)"})
+    caption_fraction: float = dataclasses.field(default=0.25, metadata={"help": "share of alignment captions in the mix: a fresh training scene's picture, a caption prompt, and the scene's description as the answer, every word of which is about the picture (LLaVA's stage-1 captions; default 0.25)"})
     connector_lr_scale: float = dataclasses.field(default=2.0, metadata={"help": "connector learning rate = this x learning_rate (default 2.0)"})
     probe_weight: float = dataclasses.field(default=0.5, metadata={"help": "weight of the auxiliary shape/colour probe loss (default 0.5)"})
     probe_scenes_per_step: int = dataclasses.field(default=16, metadata={"help": "extra freshly drawn training scenes per step that only the probe sees (vision tower + connector, no text model: cheap); they show the vision tower far more scenes than there are responses (default 16)"})
@@ -112,40 +114,106 @@ def scene_probe_labels(scene) -> tuple[tuple[int, ...], tuple[int, ...], tuple[t
     return tuple(PROBE_SHAPES.index(s) for s in attrs["shapes"]), tuple(PROBE_COLORS.index(c) for c in attrs["colors"]), tuple(cells)
 
 
+# Caption prompts of the alignment captions (LLaVA's stage-1 role): a scene's own description is the answer.
+# Worded unlike every instruction kind (`instructions.py`), so the instruction answers stay the text model's.
+CAPTION_PROMPTS = (
+    "Write the scene caption: the background, then each object's size, colour, shape and place.",
+    "Scene caption (background; every object's size, colour, shape, place):",
+)
+CAPTION_SEED_OFFSET = 7_000_000  # caption scenes: `scenes.TRAIN` from this index on (responses: from 0; probe: 5,000,000)
+MIXTURE_KINDS = ("response", "easy-vqa", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSlot:
+    """One training example of the mixture: its kind and which response / easy-VQA question / caption scene."""
+
+    kind: str  # one of MIXTURE_KINDS
+    index: int
+
+
 class VisionTrainingSet(torch.utils.data.Dataset):
-    """Scene examples + easy-VQA questions, tokenized once; images drawn (or read) and processed on access."""
+    """The training mixture: the text model's responses, easy-VQA questions and alignment captions.
+
+    Its length covers the whole run (`max_steps` x batch size, at least one pass over the responses), so
+    the shares are exact: `vqa_fraction` of the slots are easy-VQA questions cycling through *all* of
+    easy-VQA's training questions (plus SmolVLM-style paraphrases), `caption_fraction` are captions of
+    fresh training scenes (a picture and a caption prompt; the answer is the scene's description, the
+    very text the text model was shown), the rest are the responses, in a new order each pass. Slots
+    are tokenized on access; images are drawn (or read) and processed on access.
+    """
 
     def __init__(self, recipe: VisionRecipe, scene_examples: list[InstructionExample], args: VisionTrainingArguments):
-        self.recipe = recipe
-        self.examples: list[VisionExample] = []
+        self.recipe, self.args = recipe, args
+        self.responses: list[VisionExample] = []
         for example in scene_examples:
             if not example.response:
                 continue
             prompt, response = recipe.tokenize(example.instruction, example.response, bool(example.finished))
             shapes, colors, cells = scene_probe_labels(scene_from_seed(example.seed))
-            self.examples.append(VisionExample(prompt, response[: args.max_response_tokens], ("scene", example.seed), shapes, colors, cells))
-        n_vqa = int(round(len(self.examples) * args.vqa_fraction / max(1e-9, 1 - args.vqa_fraction)))
+            self.responses.append(VisionExample(prompt, response[: args.max_response_tokens], ("scene", example.seed), shapes, colors, cells))
         questions, self.vqa_paths = easy_vqa.load_split("train")
-        questions = questions + easy_vqa.paraphrased_examples(questions, seed=args.seed)
-        attributes = easy_vqa.image_attributes(questions)
+        self.questions = questions + easy_vqa.paraphrased_examples(questions, seed=args.seed)
+        self.vqa_attributes = easy_vqa.image_attributes(self.questions)
+        shares = {"easy-vqa": args.vqa_fraction, "caption": args.caption_fraction}
+        if min(shares.values()) < 0 or sum(shares.values()) >= 1 or (not self.responses and sum(shares.values()) < 1):
+            raise ValueError(f"vqa_fraction + caption_fraction must be in [0, 1) with responses to train on, got {shares}")
+        response_share = 1 - sum(shares.values())
+        per_run = max(0, args.max_steps) * args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps)
+        length = max(per_run, math.ceil(len(self.responses) / response_share))
+        counts = {kind: int(round(length * share)) for kind, share in shares.items()}
+        counts["response"] = length - sum(counts.values())
         rng = random.Random(args.seed)
-        answers: dict[str, list[int]] = {}
-        for question in rng.sample(questions, min(n_vqa, len(questions))):
-            text = question.answer[:1].upper() + question.answer[1:]
-            if text not in answers:
-                answers[text] = recipe.tokenize("", text, True)[1]
-            prompt, _ = recipe.tokenize(recipe.vqa_prompt(question.question), None, True)
-            attrs = attributes.get(question.image_id, {})
-            self.examples.append(VisionExample(
-                prompt, answers[text], ("easy-vqa", question.image_id),
-                (PROBE_SHAPES.index(attrs["shape"]),) if "shape" in attrs else (),
-                (PROBE_COLORS.index(attrs["color"]),) if "color" in attrs else (),
-                None,
-            ))
-        random.Random(args.seed + 1).shuffle(self.examples)
+        kinds = [kind for kind in MIXTURE_KINDS for _ in range(counts[kind])]
+        rng.shuffle(kinds)
+        orders = {"response": len(self.responses), "easy-vqa": len(self.questions)}
+        taken = dict.fromkeys(MIXTURE_KINDS, 0)
+        permutation: dict[str, list[int]] = {}
+        self.slots: list[MixtureSlot] = []
+        for kind in kinds:
+            k = taken[kind]
+            taken[kind] += 1
+            if kind == "caption":
+                self.slots.append(MixtureSlot(kind, k))
+                continue
+            size = orders[kind]
+            if k % size == 0:  # a new pass: a new order
+                permutation[kind] = rng.sample(range(size), size)
+            self.slots.append(MixtureSlot(kind, permutation[kind][k % size]))
+        self._answers: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.slots)
+
+    def counts(self) -> dict[str, int]:
+        """Slots per kind."""
+        return {kind: sum(s.kind == kind for s in self.slots) for kind in MIXTURE_KINDS}
+
+    def caption_scene(self, index: int):
+        """The `index`-th caption scene (fresh training seeds, disjoint from the responses' and the probe's)."""
+        return scene_from_seed(TRAIN.seed(CAPTION_SEED_OFFSET + self.args.seed * 1_000_000 + index))
+
+    def example(self, index: int) -> VisionExample:
+        """The tokenized example of slot `index`."""
+        slot = self.slots[index]
+        if slot.kind == "response":
+            return self.responses[slot.index]
+        if slot.kind == "caption":
+            scene = self.caption_scene(slot.index)
+            prompt, answer = self.recipe.tokenize(CAPTION_PROMPTS[slot.index % len(CAPTION_PROMPTS)], scene.description(), True)
+            return VisionExample(prompt, answer, ("scene", scene.seed), *scene_probe_labels(scene))
+        question = self.questions[slot.index]
+        text = question.answer[:1].upper() + question.answer[1:]
+        if text not in self._answers:
+            self._answers[text] = self.recipe.tokenize("", text, True)[1]
+        prompt, _ = self.recipe.tokenize(self.recipe.vqa_prompt(question.question), None, True)
+        attrs = self.vqa_attributes.get(question.image_id, {})
+        return VisionExample(
+            prompt, self._answers[text], ("easy-vqa", question.image_id),
+            (PROBE_SHAPES.index(attrs["shape"]),) if "shape" in attrs else (),
+            (PROBE_COLORS.index(attrs["color"]),) if "color" in attrs else (),
+            None,
+        )
 
     def image(self, key: tuple[str, int]):
         """The PIL image of an example: a scene redrawn from its seed, or an easy-VQA file."""
@@ -155,7 +223,7 @@ class VisionTrainingSet(torch.utils.data.Dataset):
         return scene_from_seed(value).draw() if kind == "scene" else Image.open(self.vqa_paths[value]).convert("RGB")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
+        example = self.example(index)
         return {"example": example, "pixels": self.recipe.pixels(self.image(example.image))}
 
 
@@ -365,8 +433,9 @@ def train_vision(
     import time
 
     dataset = VisionTrainingSet(recipe, scene_examples, args)
-    n_scene = sum(e.image[0] == "scene" for e in dataset.examples)
-    log(f"[{recipe.name}] {len(dataset):,} training examples ({n_scene:,} scene responses, {len(dataset) - n_scene:,} easy-VQA questions)")
+    counts = dataset.counts()
+    log(f"[{recipe.name}] {len(dataset):,} training slots: {counts['response']:,} of {len(dataset.responses):,} responses, "
+        f"{counts['easy-vqa']:,} easy-VQA questions (of {len(dataset.questions):,}), {counts['caption']:,} captions of fresh scenes")
     wrapper = VisionTrainingModel(vlm, recipe, seed=args.seed)
     wrapper.probe_weight = args.probe_weight
     originals = cast_frozen(recipe.text_model, torch.bfloat16)
@@ -397,7 +466,8 @@ def train_vision(
         "steps": trainer.state.global_step,
         "resumed_from": resume,
         "examples": len(dataset),
-        "scene_examples": n_scene,
+        "responses": len(dataset.responses),
+        "mixture": counts,
         "train_seconds": round(time.perf_counter() - started, 1),
         "steps_this_run": trainer.state.global_step - resumed_step,
         "seconds_per_step": round(result.metrics.get("train_runtime", 0.0) / max(1, trainer.state.global_step - resumed_step), 3),
@@ -412,7 +482,7 @@ def train_vision(
 
 _RECORDED_ARGUMENTS = (
     "max_steps", "per_device_train_batch_size", "learning_rate", "weight_decay", "adam_beta2", "warmup_steps", "lr_scheduler_type",
-    "bf16", "seed", "max_response_tokens", "vqa_fraction", "connector_lr_scale", "probe_weight", "probe_scenes_per_step",
+    "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "probe_scenes_per_step",
 )
 
 __all__ = ["VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet", "train_vision"]

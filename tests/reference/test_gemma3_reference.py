@@ -86,13 +86,19 @@ def test_training_tokenization_matches_the_processor(tiny):
     prompt_ids, answer_ids = gemma3.tokenize_example(processor, "What color is the shape?", "Red")
     inputs = gemma3.build_prompt_inputs(processor, image(), "What color is the shape?")
     assert prompt_ids == inputs["input_ids"][0].tolist()
-    assert processor.tokenizer.decode(answer_ids) == " Red\n\n"
+    assert processor.tokenizer.decode(answer_ids) == " Red\n\nQuestion"  # v2: up to the next question
+    _, v1_answer = gemma3.tokenize_example(processor, "What color is the shape?", "Red", version="v1")
+    assert processor.tokenizer.decode(v1_answer) == " Red\n\n"  # v1: up to the first blank line
 
 
-def test_assembled_model_stops_at_a_blank_line_and_keeps_the_text_weights(tiny):
+def test_assembled_model_stops_at_the_next_question_and_keeps_the_text_weights(tiny):
     model, processor, text_lm = tiny
+    question = processor.tokenizer("Question", add_special_tokens=False)["input_ids"]
+    assert len(question) == 1 and model.generation_config.eos_token_id == [1, question[0]]
+    assert model.generation_config.repetition_penalty == gemma3.GENERATION_DEFAULTS["v2"]["repetition_penalty"]
     blank_line = processor.tokenizer(gemma3.BLANK_LINE, add_special_tokens=False)["input_ids"][0]
-    assert model.generation_config.eos_token_id == [1, blank_line]
+    v1 = gemma3.assemble(text_lm, processor.tokenizer, seed=0, version="v1")
+    assert v1.generation_config.eos_token_id == [1, blank_line] and v1.generation_config.repetition_penalty in (None, 1.0)
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     ids = processor.tokenizer("Question: What shape?\nAnswer:", return_tensors="pt")["input_ids"]
     with torch.no_grad():

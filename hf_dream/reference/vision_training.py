@@ -70,6 +70,8 @@ class VisionTrainingArguments(TrainingArguments):
     caption_fraction: float = dataclasses.field(default=0.25, metadata={"help": "share of alignment captions in the mix: a fresh training scene's picture, a caption prompt, and the scene's description as the answer, every word of which is about the picture (LLaVA's stage-1 captions; default 0.25)"})
     connector_lr_scale: float = dataclasses.field(default=2.0, metadata={"help": "connector learning rate = this x learning_rate (default 2.0)"})
     probe_weight: float = dataclasses.field(default=0.5, metadata={"help": "weight of the auxiliary shape/colour probe loss (default 0.5)"})
+    anchor_weight: float = dataclasses.field(default=0.0, metadata={"help": "weight of the word-anchor loss: image tokens over an object are pulled (cosine) towards the text model's own embeddings of its colour and shape words (alternate columns), so the frozen text model reads them as those words from the start (default 0.0: off)"})
+    init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start from the trained tensors of this checkpoint (`checkpoint-N/model.safetensors`) instead of the random init; a fresh schedule (default None)"})
     probe_scenes_per_step: int = dataclasses.field(default=16, metadata={"help": "extra freshly drawn training scenes per step that only the probe sees (vision tower + connector, no text model: cheap); they show the vision tower far more scenes than there are responses (default 16)"})
 
     def __post_init__(self):
@@ -298,6 +300,11 @@ class VisionTrainingModel(nn.Module):
         self.probe_cell_shape = nn.Linear(hidden, len(PROBE_SHAPES) + 1)
         self.probe_cell_color = nn.Linear(hidden, len(PROBE_COLORS) + 1)
         self._features: list[torch.Tensor] = []
+        table = vlm.get_input_embeddings().weight.detach().float()
+        words = lambda names: torch.stack([table[recipe.tokenize("", n, False)[1]].mean(0) for n in names])  # noqa: E731
+        self.register_buffer("anchor_shapes", words(PROBE_SHAPES), persistent=False)
+        self.register_buffer("anchor_colors", words(PROBE_COLORS), persistent=False)
+        self.anchor_weight = 0.0
         recipe.connector.register_forward_hook(lambda module, inputs, output: self._features.append(output))
         for p in vlm.parameters():
             p.requires_grad_(False)
@@ -351,13 +358,32 @@ class VisionTrainingModel(nn.Module):
         if (probe_cells[..., 0] >= 0).any():
             probe_loss = probe_loss + F.cross_entropy(self.probe_cell_shape(pooled).flatten(0, 1), probe_cells[..., 0].flatten(), ignore_index=-100)
             probe_loss = probe_loss + F.cross_entropy(self.probe_cell_color(pooled).flatten(0, 1), probe_cells[..., 1].flatten(), ignore_index=-100)
+        anchor_loss = self.anchor_loss(features, probe_cells, side) if self.anchor_weight else features.new_zeros(())
         with torch.no_grad():
             self.last_metrics = {
                 "answer_loss": answer_loss.item(),
                 "token_accuracy": (logits.argmax(-1) == targets[where]).float().mean().item(),
                 "probe_loss": probe_loss.item(),
+                **({"anchor_loss": anchor_loss.item()} if self.anchor_weight else {}),
             }
-        return {"loss": answer_loss + self.probe_weight * probe_loss}
+        return {"loss": answer_loss + self.probe_weight * probe_loss + self.anchor_weight * anchor_loss}
+
+    def anchor_loss(self, features: torch.Tensor, probe_cells: torch.Tensor, side: int) -> torch.Tensor:
+        """Mean cosine distance of the image tokens over an object to its colour word's embedding (even token
+        columns) or its shape word's (odd columns); tokens of empty cells and of easy-VQA images are free."""
+        rows = torch.arange(side, device=features.device)
+        cell = (rows[:, None] * GRID // side) * GRID + (rows[None, :] * GRID // side)  # [side, side] -> cell index
+        shape = probe_cells[:, :, 0][:, cell.flatten()]  # [B, tokens]
+        color = probe_cells[:, :, 1][:, cell.flatten()]
+        occupied = (shape >= 0) & (shape < len(PROBE_SHAPES))
+        if not occupied.any():
+            return features.new_zeros(())
+        even = (rows[None, :] % 2 == 0).expand(side, side).flatten()[None, :].expand_as(occupied)
+        targets = torch.where(
+            even[..., None], self.anchor_colors[color.clamp(0, len(PROBE_COLORS) - 1)], self.anchor_shapes[shape.clamp(0, len(PROBE_SHAPES) - 1)]
+        )
+        distance = 1 - F.cosine_similarity(features, targets.to(features.dtype), dim=-1)
+        return distance[occupied].mean()
 
 
 class VisionTrainer(Trainer):
@@ -437,7 +463,12 @@ def train_vision(
     log(f"[{recipe.name}] {len(dataset):,} training slots: {counts['response']:,} of {len(dataset.responses):,} responses, "
         f"{counts['easy-vqa']:,} easy-VQA questions (of {len(dataset.questions):,}), {counts['caption']:,} captions of fresh scenes")
     wrapper = VisionTrainingModel(vlm, recipe, seed=args.seed)
-    wrapper.probe_weight = args.probe_weight
+    wrapper.probe_weight, wrapper.anchor_weight = args.probe_weight, args.anchor_weight
+    if args.init_weights:
+        from safetensors.torch import load_file
+
+        wrapper.load_state_dict(load_file(args.init_weights))
+        log(f"[{recipe.name}] starting from the trained tensors of {args.init_weights}")
     originals = cast_frozen(recipe.text_model, torch.bfloat16)
     head = vlm.get_output_embeddings()
     head_originals = cast_frozen(head, torch.bfloat16) if head.weight.dtype != torch.bfloat16 else {}
@@ -482,7 +513,7 @@ def train_vision(
 
 _RECORDED_ARGUMENTS = (
     "max_steps", "per_device_train_batch_size", "learning_rate", "weight_decay", "adam_beta2", "warmup_steps", "lr_scheduler_type",
-    "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "probe_scenes_per_step",
+    "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "anchor_weight", "init_weights", "probe_scenes_per_step",
 )
 
 __all__ = ["VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet", "train_vision"]

@@ -160,3 +160,28 @@ def test_probe_only_scenes_are_fresh_training_scenes_and_reach_the_probe(target,
         without = wrapper(**{k: v[:2] if k.startswith("probe_") and k != "probe_pixel_values" else v
                              for k, v in first.items() if k != "probe_pixel_values"})["loss"]
     assert with_extra != without
+
+
+def test_anchor_loss_pulls_object_tokens_towards_their_colour_and_shape_words(target, tmp_path):
+    name, model, processor, recipe = target
+    dataset = VisionTrainingSet(recipe, responses(2), args(tmp_path, vqa_fraction=0.0, caption_fraction=0.0))
+    batch = collate(recipe, [dataset[0], dataset[1]])
+    wrapper = VisionTrainingModel(model, recipe)
+    cells, side = batch["probe_cells"], 8
+    words = torch.zeros(2, side * side, wrapper.anchor_colors.shape[1])
+    occupied = torch.zeros(2, side * side, dtype=torch.bool)
+    for row in range(2):
+        for r in range(side):
+            for c in range(side):
+                shape, color = cells[row, (r * GRID // side) * GRID + c * GRID // side].tolist()
+                if shape < len(PROBE_SHAPES):
+                    occupied[row, r * side + c] = True
+                    words[row, r * side + c] = wrapper.anchor_colors[color] if c % 2 == 0 else wrapper.anchor_shapes[shape]
+    assert occupied.any() and not occupied.all()
+    assert wrapper.anchor_loss(3.0 * words, cells, side).item() == pytest.approx(0.0, abs=1e-5)  # scale-free: cosine
+    swapped = words.clone()
+    swapped[occupied] = torch.randn(int(occupied.sum()), words.shape[-1])
+    assert wrapper.anchor_loss(swapped, cells, side).item() > 0.5
+    empty_only = words.clone()
+    empty_only[~occupied] = torch.randn(int((~occupied).sum()), words.shape[-1])  # empty cells are free
+    assert wrapper.anchor_loss(empty_only, cells, side).item() == pytest.approx(0.0, abs=1e-5)

@@ -94,3 +94,23 @@ def test_reference_drafter_folders_are_pushable_and_their_cards_current(folder, 
     results = [arg for name in ("results-T0", "results-T1", "adaptive-T0", "adaptive-T1") for arg in ("--bench", str(bench / f"{name}.json"))]
     assert main(["card", "--drafter", str(folder), *results, "--out", str(folder / "README.md"), "--license", license_id, "--check"]) == 0
 
+
+@pytest.mark.parametrize("folder", REFERENCE_CARD_FOLDERS, ids=[f.name for f in REFERENCE_CARD_FOLDERS])
+def test_packaged_reference_drafter_is_the_committed_one(folder):
+    """`hf-dream demo` after `pip install` runs the copy shipped in the package: byte for byte the committed folder
+    (git stores the identical files once)."""
+    import hashlib
+
+    from hf_dream.reference import reference_drafter_dir
+
+    name = DreamConfig.from_pretrained(folder).target_name_or_path.split(":", 1)[1]
+    packaged = reference_drafter_dir(name)
+    assert packaged.name == folder.name
+    committed = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert sorted(p.name for p in packaged.iterdir()) == committed
+    for file_name in committed:
+        digests = {hashlib.sha256((root / file_name).read_bytes()).hexdigest() for root in (folder, packaged)}
+        assert len(digests) == 1, (
+            f"{packaged / file_name} differs from {folder / file_name}: after retraining or re-carding, "
+            f"copy it over (cp {folder.relative_to(REPO_ROOT)}/* {packaged.relative_to(REPO_ROOT)}/)"
+        )

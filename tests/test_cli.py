@@ -18,6 +18,45 @@ def test_demo_reports_identical_output_and_stats(capsys):
     assert result["stats"]["new_tokens"] == 16 and result["stats"]["target_passes"] >= 1
 
 
+def test_demo_uses_the_drafter_shipped_in_the_package_from_any_directory(tmp_path, monkeypatch):
+    """B9: the reference drafter was looked up in the checkout (`parents[1] / "model_cards"`), so `hf-dream demo` failed
+    after `pip install`; it is package data now."""
+    from pathlib import Path
+
+    import hf_dream
+    from hf_dream.cli import demo_drafter_source
+
+    monkeypatch.chdir(tmp_path)
+    for reference in ("smolvlm-ref", "gemma3-ref"):
+        folder = demo_drafter_source(build_parser().parse_args(["demo", "--reference", reference]))
+        assert folder.is_relative_to(Path(hf_dream.__file__).parent) and (folder / "model.safetensors").is_file()
+        assert folder.name == f"dream-{reference}"
+
+
+def test_demo_drafter_option(tmp_path, capsys):
+    from hf_dream import DreamDraftModel
+    from hf_dream.testing import build_tiny_target
+
+    folder = tmp_path / "my-drafter"
+    DreamDraftModel.from_target(build_tiny_target("llava", seed=0)).save_pretrained(folder)
+    assert main(["demo", "--tiny", "llava", "--drafter", str(folder), "--max-new-tokens", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["drafter"] == str(folder) and result["identical"] is True
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing", "no such drafter folder"),
+    (lambda tmp: tmp, "no config.json in that folder"),
+], ids=["missing", "no-config"])
+def test_demo_refuses_a_bad_drafter_before_loading_the_target(tmp_path, monkeypatch, make, message):
+    def no_target(*args, **kwargs):
+        raise AssertionError("the reference target must not be loaded for a bad --drafter")
+
+    monkeypatch.setattr("hf_dream.reference.load_reference_target", no_target)
+    with pytest.raises(SystemExit, match=message):
+        main(["demo", "--drafter", str(make(tmp_path))])
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_subcommand_documents_its_options(name, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -19,6 +19,11 @@ and whose small vision encoder + connector were trained here on easy-VQA (weight
 `weights/`). The built model is cached in `$HF_DREAM_CACHE/reference/<name>` (default
 `~/.cache/hf_dream/reference/<name>`), never in the repository.
 
+The trained DREAM drafter of each reference target ships with the package
+(`hf_dream/reference/drafters/dream-<name>/`, the same files as the repository's
+`model_cards/dream-<name>/`): `reference_drafter_dir(name)` is its folder, which is what
+`hf-dream demo` loads unless `--drafter DIR` names another.
+
 Command line: `hf-dream reference build|eval|ask smolvlm-ref|gemma3-ref ...`.
 """
 
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +43,27 @@ REFERENCE_TARGETS: tuple[str, ...] = ("smolvlm-ref", "gemma3-ref")
 # The public Hub model each reference target's text weights come from: a reference drafter's card names it
 # as `base_model` (the target itself is built locally and has no Hub id).
 REFERENCE_BASE_MODELS: dict[str, str] = {"smolvlm-ref": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-ref": "google/gemma-3-270m"}
+
+# The trained drafter of each reference target: package data under hf_dream/reference/drafters/.
+REFERENCE_DRAFTERS: dict[str, str] = {name: f"dream-{name}" for name in REFERENCE_TARGETS}
+
+
+def reference_drafter_dir(name: str) -> Path:
+    """The folder of the trained DREAM drafter of reference target `name`, shipped as package data.
+
+    A folder on disk (what `DreamDraftModel.from_pretrained` reads); raises `FileNotFoundError`
+    naming the fix when this installation lacks it (e.g. a source tree without the weights).
+    """
+    if name not in REFERENCE_DRAFTERS:
+        raise ValueError(f"unknown reference target {name!r}; available: {', '.join(REFERENCE_TARGETS)}")
+    folder = resources.files(__name__).joinpath("drafters", REFERENCE_DRAFTERS[name])
+    if not isinstance(folder, Path) or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"This hf-dream installation has no trained drafter for {name} (looked for {folder}/model.safetensors): "
+            "reinstall hf-dream from a wheel or a full checkout, or pass the drafter folder explicitly "
+            "(`hf-dream demo --drafter DIR`)."
+        )
+    return folder
 
 
 def _module(name: str):
@@ -82,6 +110,7 @@ def build_prompt_inputs(processor, image=None, prompt: str = "", system: str | N
 __all__ = [
     "CACHE_ENV",
     "REFERENCE_BASE_MODELS",
+    "REFERENCE_DRAFTERS",
     "REFERENCE_TARGETS",
     "MissingReferenceAsset",
     "build_prompt_inputs",
@@ -89,4 +118,5 @@ __all__ = [
     "cache_root",
     "load_reference_target",
     "reference_cache_dir",
+    "reference_drafter_dir",
 ]

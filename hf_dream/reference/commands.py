@@ -17,13 +17,16 @@ import json
 import shlex
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import REFERENCE_TARGETS
 from .common import MissingReferenceAsset, git_revision, machine_description, now_iso, torch_threads, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The installed hf_dream package: recorded results name committed files relative to it
+# ("hf_dream/reference/weights/..."), and its git revision where it is imported from a checkout.
+PACKAGE_DIR = Path(str(resources.files("hf_dream")))
 ACTIONS = ("build", "eval", "ask", "make-data", "quality")
 DTYPES = ("float32", "bfloat16")
 OPEN_ENDED_PROMPTS = (
@@ -84,6 +87,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _source_revision() -> str | None:
+    """The git revision of the checkout hf_dream runs from, or None for an installed copy (even one
+    installed inside some git tree, e.g. a git-ignored venv: its files are not tracked there)."""
+    import subprocess
+
+    try:
+        tracked = subprocess.run(["git", "-C", str(PACKAGE_DIR), "ls-files", "--error-unmatch", "__init__.py"], capture_output=True)
+    except OSError:  # no git
+        return None
+    return git_revision(PACKAGE_DIR) if tracked.returncode == 0 else None
+
+
 def _command_line(args: argparse.Namespace) -> str:
     """The command as typed (`hf_dream.cli.main` keeps its argv on the namespace)."""
     argv = getattr(args, "argv", None) or sys.argv[1:]
@@ -116,12 +131,12 @@ def _build(args: argparse.Namespace) -> int:
         path = Path(args.record)
         existing = json.loads(path.read_text()) if path.is_file() else {}
         weights_file = Path(record["weights"]).resolve()
-        if weights_file.is_relative_to(REPO_ROOT):  # the committed file: recorded relative to the checkout
-            record["weights"] = str(weights_file.relative_to(REPO_ROOT))
+        if weights_file.is_relative_to(PACKAGE_DIR.resolve()):  # the shipped file: recorded as hf_dream/...
+            record["weights"] = f"hf_dream/{weights_file.relative_to(PACKAGE_DIR.resolve()).as_posix()}"
         entry = {
             "command": _command_line(args),
             "date": now_iso(),
-            "git_revision": git_revision(REPO_ROOT),
+            "git_revision": _source_revision(),
             "machine": machine_description(),
             **record,
         }
@@ -156,7 +171,7 @@ def _quality(args: argparse.Namespace) -> int:
 
     model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype))
     report = {
-        "command": _command_line(args), "date": now_iso(), "git_revision": git_revision(REPO_ROOT), "machine": machine_description(),
+        "command": _command_line(args), "date": now_iso(), "git_revision": _source_revision(), "machine": machine_description(),
         "target": args.name, "build_id": getattr(model.config, "hf_dream_reference_build", None),
         "build": _module(args.name).cached_build_info(args.cache_dir),
     }
@@ -200,7 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "command": _command_line(args),
         "date": now_iso(),
-        "git_revision": git_revision(REPO_ROOT),
+        "git_revision": _source_revision(),
         "machine": machine_description(),
         "target": args.name,
         "build": target.cached_build_info(args.cache_dir),

@@ -9,6 +9,7 @@ the few attention modules we need and recompute their probabilities here, in flo
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,16 +21,21 @@ class AttentionInputRecorder:
     """Records `(hidden_states, position_embeddings)` entering attention modules during a forward.
 
     Use as a context manager, or call `start()` / `stop()` around a forward that you do not call
-    yourself (the generate loop's prefill).
+    yourself (the generate loop's prefill). Only forwards run by the thread that called `start()`
+    are recorded: another thread decoding with the same target at the same time (its own
+    recorder on the same module) never overwrites this one's record.
     """
 
     def __init__(self, modules: dict[int, nn.Module]):
         self.modules = modules
         self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handles = []
+        self._thread: int | None = None
 
     def start(self) -> AttentionInputRecorder:
-        """Register a forward pre-hook on every module; returns `self`. Each forward overwrites `inputs[key]`."""
+        """Register a forward pre-hook on every module; returns `self`. Each forward of this thread
+        overwrites `inputs[key]`."""
+        self._thread = threading.get_ident()
         for key, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(key), with_kwargs=True))
         return self
@@ -42,6 +48,8 @@ class AttentionInputRecorder:
 
     def _hook(self, key: int):
         def hook(module, args, kwargs):
+            if threading.get_ident() != self._thread:
+                return
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             self.inputs[key] = (hidden_states.detach(), kwargs.get("position_embeddings"))
 

@@ -11,6 +11,10 @@ Public API
     Returns a ``transformers.PreTrainedModel`` (a ``*ForConditionalGeneration``).
     The model carries a :class:`TinyVLMSpec` as ``model.tiny_spec`` describing its
     special token ids and image geometry (used by :func:`make_tiny_inputs`).
+``build_tiny_tokenizer(model)``
+    A fast tokenizer for the model's ids: id ``i`` is one character (``a-z A-Z 0-9``,
+    then Greek and Cyrillic letters), so ``stop_strings`` can be matched on the
+    tiny models' output.
 ``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1)``
     Returns kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``. Rows
     are ``[bos] text_before <image block>*num_images text_after``; with
@@ -189,6 +193,7 @@ __all__ = [
     "image_feature_counts",
     "tiny_inputs_row",
     "stack_tiny_inputs",
+    "build_tiny_tokenizer",
 ]
 
 SUPPORTED_TINY_FAMILIES = ("llava", "llava_next", "pixtral", "idefics3", "gemma3")
@@ -470,6 +475,23 @@ def build_tiny_target(
     gc.do_sample = False
     model.tiny_spec = spec
     return model
+
+
+_TOKEN_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def build_tiny_tokenizer(model) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer whose token ``i`` is one character (``a-z A-Z 0-9`` for the first 62 ids,
+    then letters from U+03B1 on), covering the model's whole vocab: ``decode`` turns ids into a
+    string one character per token, so stop strings (``generate(stop_strings=..., tokenizer=...)``)
+    can be matched on a tiny model's output, across token boundaries too."""
+    from tokenizers import Tokenizer, decoders, models
+
+    size = _spec_of(model).vocab_size + 1  # gemma3's image id sits just outside the text vocab
+    vocab = {(_TOKEN_CHARACTERS[i] if i < len(_TOKEN_CHARACTERS) else chr(0x3B1 + i)): i for i in range(size)}
+    backend = Tokenizer(models.BPE(vocab, merges=[]))  # no merges: one character, one token
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
 # --------------------------------------------------------------------------- #

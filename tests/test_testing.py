@@ -154,3 +154,14 @@ def test_full_forward_reproduces_greedy(tiny):
         logits = model(**full).logits
     L = inputs["input_ids"].shape[1]
     assert torch.equal(logits[0, L - 1 : -1].argmax(-1), gen[0])
+
+
+def test_tiny_tokenizer_is_one_character_per_token():
+    from hf_dream.testing import build_tiny_tokenizer
+
+    model = build_tiny_target("llava")
+    tokenizer = build_tiny_tokenizer(model)
+    ids = list(range(model.tiny_spec.vocab_size))
+    text = tokenizer.decode(ids)
+    assert len(text) == len(ids) and len(set(text)) == len(ids)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids

@@ -34,8 +34,6 @@ def _validate(model, input_ids, generation_config, drafter) -> None:
         model, drafter, generation_config,
         usage="`target.generate(..., assistant_model=drafter)` or `custom_generate=batched_generate, drafter=drafter`",
     )
-    if input_ids.shape[1] == 0:
-        raise ValueError("Batched DREAM decoding needs `input_ids` (prompts given only as `inputs_embeds` are not supported).")
     check_custom_masks(model, "Batched DREAM verification masks rejected cache entries through a 2-D attention mask with holes")
 
 
@@ -49,6 +47,7 @@ def batched_generate(
     streamer=None,
     drafter=None,
     batched_streamer=None,
+    tokenizer=None,
     **model_kwargs,
 ):
     """DREAM chain decoding for a batch of prompts, for `generate(custom_generate=...)`.
@@ -64,6 +63,8 @@ def batched_generate(
         batched_streamer: where a streamer arrives (`import hf_dream` forwards `generate(streamer=...)`
             here, since transformers does not hand `streamer` to a `custom_generate` callable); it
             gets the prompt, then `(batch,)` columns like plain generate, then `end()`.
+        tokenizer: only read by transformers, to build the `stop_strings` criterion (`import hf_dream`
+            keeps it for this loop, which transformers would otherwise drop).
 
     Returns:
         The sequences `(batch, prompt + new)` exactly as plain generate lays them out (the padded

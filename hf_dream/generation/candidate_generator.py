@@ -7,6 +7,14 @@ verified token without an extra target forward. The first call returns no candid
 target's prefill runs alone and gives the drafter the prompt's features, its merged
 image+text embeddings and the attention that ranks visual tokens for compression. Every piece of
 drafter-side state lives in a batch-of-one [`DrafterState`], as in the custom loops.
+
+Stopping inside a draft: transformers' loop crops an accepted block only at EOS and
+`max_length`, and checks the other stopping criteria (stop strings, user criteria) on the whole
+block. So drafting stops after the first drafted token at which one of them fires (as it does
+after a drafted EOS; nothing after it could be kept), and for that round the generation config's
+`max_length` ends at that token, so the loop's own length crop cuts the block exactly where plain
+decoding stops, if the token is accepted. The draft itself is unchanged up to there, so greedy
+output and the sampling distribution stay the target's.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import torch
 from transformers.generation import CandidateGenerator
 
 from .drafter_state import DrafterState
+from .engine import RowStopper
 from .stats import DecodingStats
+from .validation import check_dream_inputs
 
 
 class DreamCandidateGenerator(CandidateGenerator):
@@ -29,22 +39,33 @@ class DreamCandidateGenerator(CandidateGenerator):
 
     requires_model_outputs = True
 
-    def __init__(self, target, drafter, input_ids, generation_config, logits_processor):
+    def __init__(self, target, drafter, input_ids, generation_config, logits_processor, stopping_criteria=None, model_kwargs=None):
         if input_ids.shape[0] != 1:
             raise ValueError(f"DREAM decoding supports batch size 1 for now, got {input_ids.shape[0]}.")
+        check_dream_inputs(input_ids, model_kwargs or {})
         self.drafter = drafter
         self.state = DrafterState(target, drafter, 1, input_ids.device, track_rows=False)
         self.logits_processor = logits_processor
         self.do_sample = bool(generation_config.do_sample)
+        self.generation_config = generation_config  # this call's copy: its max_length ends a round at a stop
         self.max_length = generation_config.max_length
+        self.stopper = RowStopper(stopping_criteria, generation_config, input_ids.shape[1])
         eos = getattr(generation_config, "_eos_token_tensor", None)
         self.eos_token_ids = None if eos is None else eos.reshape(-1)
         self.prompt_length = input_ids.shape[1]
         self.num_drafted = 0
         self._last_layer = self.state.adapter.num_hidden_layers
-        self.model_kwargs_overrides = {"output_hidden_states": [0, self._last_layer]}
+        # the drafter reads the embeddings (layer 0, at prefill) and the last layer; every layer
+        # when the caller asked for hidden states (transformers' loop then returns them all)
+        self._all_layers = bool(generation_config.return_dict_in_generate and generation_config.output_hidden_states)
+        self.model_kwargs_overrides = {"output_hidden_states": True if self._all_layers else [0, self._last_layer]}
         self.stats = DecodingStats.new(1)
         self.stats.publish(drafter)
+
+    def close(self) -> None:
+        """End of the call, successful or not (the hook calls it): nothing stays on the target."""
+        self.generation_config.max_length = self.max_length
+        self.state.close()
 
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0):
         state = self.state
@@ -59,7 +80,8 @@ class DreamCandidateGenerator(CandidateGenerator):
                 mask = torch.ones_like(input_ids[:, :prompt], dtype=torch.bool)
                 output = state.prefill(input_ids[:, :prompt], mask, hidden_states[0], hidden_states[self._last_layer], input_ids[:, prompt])
                 self.stats.record_visual(state)
-                self.model_kwargs_overrides = {"output_hidden_states": [self._last_layer]}
+                if not self._all_layers:
+                    self.model_kwargs_overrides = {"output_hidden_states": [self._last_layer]}
             else:  # the pass covered [previous bonus token, drafts...]; n_last_matches + 1 of them are kept
                 new_tokens = input_ids[0, int(state.lengths[0]) :].tolist()
                 output = state.catch_up([new_tokens], hidden_states[self._last_layer][:, : n_last_matches + 1])
@@ -69,6 +91,7 @@ class DreamCandidateGenerator(CandidateGenerator):
         return candidates, candidate_logits
 
     def update_candidate_strategy(self, input_ids, scores, num_matches):
+        self.generation_config.max_length = self.max_length  # the loop has cropped this round's block
         num_matches = int(num_matches)
         new_tokens = input_ids.shape[1] - self.prompt_length - self.stats.rows[0].new_tokens
         self.stats.record_acceptance([num_matches], [new_tokens])
@@ -84,9 +107,18 @@ class DreamCandidateGenerator(CandidateGenerator):
         def process(logits, drafted):
             return self.logits_processor(torch.cat([input_ids, *[t[:, None] for t in drafted]], dim=1), logits)
 
-        draft = self.state.draft_chain(output, limits, process, self.do_sample, self._is_eos)
+        drafted: list[int] = []
+
+        def stops(token):  # a drafted EOS, or a drafted token at which another stopping criterion fires
+            drafted.append(int(token[0]))
+            return self._is_eos(token) | self.stopper.fires(input_ids[0], drafted)
+
+        draft = self.state.draft_chain(output, limits, process, self.do_sample, self._is_eos if self.stopper.others is None else stops)
         if draft.tokens.shape[1] == 0:
             return input_ids, None
+        if self.stopper.others is not None and bool(self.stopper.fires(input_ids[0], draft.tokens[0].tolist())):
+            # the loop crops at max_length only: end this round's block at the stopping token
+            self.generation_config.max_length = input_ids.shape[1] + draft.tokens.shape[1]
         return torch.cat([input_ids, draft.tokens], dim=1), draft.scores
 
     def _is_eos(self, tokens) -> torch.Tensor:

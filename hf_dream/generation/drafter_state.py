@@ -96,13 +96,18 @@ class DrafterState:
         return output
 
     def close(self) -> None:
-        """End of decoding: no row-keyed read-out is left on the drafter."""
+        """End of decoding, successful or not: no hook stays on the target (a prefill that raised
+        never stopped its recorder), no row-keyed read-out on the drafter. Idempotent."""
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
         if self.track_rows:
             self.drafter.batch_rows = None
 
     # --- prefill -----------------------------------------------------------------------------
     def start_prefill(self, input_ids) -> None:
-        """Call before the target's prefill: records what ranks visual tokens for compression."""
+        """Call before the target's prefill: records what ranks visual tokens for compression
+        (this thread's forwards only; `close()` removes the hook if the prefill fails)."""
         if self.drafter.config.visual_keep_ratio < 1.0 and self.adapter.image_token_mask(input_ids).any():
             attention = self.adapter.decoder_layers[-1].self_attn
             self._recorder = AttentionInputRecorder({0: attention}).start()

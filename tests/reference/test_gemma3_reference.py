@@ -93,8 +93,8 @@ def test_training_tokenization_matches_the_processor(tiny):
 
 def test_assembled_model_stops_at_the_next_question_and_keeps_the_text_weights(tiny):
     model, processor, text_lm = tiny
-    question = processor.tokenizer("Question", add_special_tokens=False)["input_ids"]
-    assert len(question) == 1 and model.generation_config.eos_token_id == [1, question[0]]
+    words = [processor.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Question", "Answer")]
+    assert all(len(w) == 1 for w in words) and model.generation_config.eos_token_id == [1, words[0][0], words[1][0]]
     assert model.generation_config.repetition_penalty == gemma3.GENERATION_DEFAULTS["v2"]["repetition_penalty"]
     blank_line = processor.tokenizer(gemma3.BLANK_LINE, add_special_tokens=False)["input_ids"][0]
     v1 = gemma3.assemble(text_lm, processor.tokenizer, seed=0, version="v1")
@@ -157,3 +157,10 @@ def test_real_gemma3_reference_target_answers_from_the_image():
     right = shape_and_color_answers_right(model, processor, gemma3.vqa_prompt)
     assert right >= 6, f"only {right}/12 shape/colour answers right"  # chance is ~1/3 (shapes) and 1/8 (colours)
     assert dream_equals_plain_on_a_description(model, processor)
+
+
+def test_text_prompt_starts_with_bos_when_tokenized_without_special_tokens():
+    """Data making and the agreement measure tokenize text prompts without special tokens: <bos> must be in the text."""
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(gemma3.text_prompt(tokenizer, "A red circle.", "What shape?"), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1

@@ -16,6 +16,7 @@ reading back `(layers x tokens x hidden)` floats for small targets, and exact fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -146,6 +147,7 @@ def prepare_dataset(
     do_sample: bool = False,
     pad_token_id: int | None = None,
     show_progress: bool = True,
+    target_spec: str | None = None,
     **generate_kwargs,
 ) -> Dataset:
     """Regenerate the responses of `source` with `model` and save a training-ready dataset.
@@ -155,6 +157,11 @@ def prepare_dataset(
     `output_dir/shards/`, each one atomically: an interrupted run restarts at the first missing
     shard and loses nothing; greedy regeneration (the default) makes the result identical to
     an uninterrupted run. The final dataset is saved to `output_dir/dataset`.
+
+    `output_dir/settings.json` records every setting, a hash of the source examples and the target's identity
+    (model type, build, dtype, a fingerprint of its weights; `target_spec` is recorded to name it): resuming
+    with another target, edited prompts or other settings is refused before any generation, naming the
+    difference, so that one dataset never mixes two runs.
     """
     output_dir = Path(output_dir)
     shard_dir = output_dir / "shards"
@@ -166,8 +173,14 @@ def prepare_dataset(
         pad_token_id = model.generation_config.pad_token_id
         if pad_token_id is None:
             pad_token_id = min(_eos_ids(model) or {0})
-    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_examples": len(examples), "shard_size": shard_size}
-    _check_settings(output_dir, settings)
+    settings = {
+        "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_examples": len(examples), "shard_size": shard_size,
+        "batch_size": batch_size, "pad_token_id": int(pad_token_id),
+        "generate_kwargs": json.loads(json.dumps(generate_kwargs, sort_keys=True, default=repr)),
+        "source_sha256": source_digest(examples),
+        "target": target_identity(model),
+    }
+    _check_settings(output_dir, settings, target_spec)
 
     num_shards = (len(examples) + shard_size - 1) // shard_size
     done = sum(1 for i in range(num_shards) if (shard_dir / f"{i:05d}").exists())
@@ -209,15 +222,110 @@ def _quiet_save(dataset: Dataset, path: Path) -> None:
             enable_progress_bars()
 
 
-def _check_settings(output_dir: Path, settings: dict) -> None:
-    """Refuse to resume a run with different settings (it would mix two datasets)."""
+def source_digest(examples: list) -> str:
+    """SHA-256 of the source examples (prompts, image paths or image pixels, every field), in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        _feed(digest, example)
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=str):
+            digest.update(json.dumps(str(key)).encode())
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    elif hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
+        digest.update(f"image:{value.mode}:{value.size}".encode())
+        digest.update(value.tobytes())
+    elif isinstance(value, torch.Tensor):
+        digest.update(f"tensor:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    elif hasattr(value, "tobytes") and hasattr(value, "dtype"):  # numpy
+        digest.update(f"array:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    elif isinstance(value, bytes):
+        digest.update(b"bytes:" + value)
+    else:
+        digest.update(json.dumps(value, default=repr).encode())
+    digest.update(b";")
+
+
+def target_identity(model) -> dict:
+    """What identifies the model that regenerated a dataset: its family, build, size, dtype and a fingerprint of
+    its weights (a few thousand values of its first, middle and last tensors: cheap, and different for two seeds
+    or two checkpoints of one architecture)."""
+    from ..targets import get_target_adapter
+
+    adapter = get_target_adapter(model)
+    params = [p for _, p in model.named_parameters()]
+    digest = hashlib.sha256()
+    for param in (params[0], params[len(params) // 2], params[-1]) if params else ():
+        sample = param.detach().reshape(-1)[:4096].float().cpu().contiguous()
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return {
+        "model_type": model.config.model_type,
+        "build": adapter.build_id,
+        "num_hidden_layers": adapter.num_hidden_layers,
+        "vocab_size": adapter.vocab_size,
+        "dtype": str(next(iter(params)).dtype) if params else None,
+        "weights_fingerprint": digest.hexdigest()[:16],
+    }
+
+
+def recorded_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a `prepare_dataset` output folder recorded (`path` is the folder or its `dataset`), or None."""
+    path = Path(path)
+    for folder in (path, path.parent):
+        settings = folder / "settings.json"
+        if settings.is_file() and (folder / "shards").is_dir():
+            return json.loads(settings.read_text())
+    return None
+
+
+_LABELS = {
+    "source_sha256": "the source examples differ (prompts edited, added, removed, reordered, or other images)",
+    "target": "another target",
+}
+
+
+def _describe_difference(key: str, before, now, previous: dict, target_spec: str | None) -> str:
+    if before is None:
+        return f"{key}: not recorded by the earlier run (made by an older hf-dream), now {now!r}"
+    if key == "target":
+        fields = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+        was = previous.get("target_spec") or "unrecorded spec"
+        return f"another target: the folder was made with {was}, now {target_spec or 'this model'} ({fields})"
+    if key in _LABELS:
+        return _LABELS[key]
+    return f"{key}: {before!r} before, {now!r} now"
+
+
+def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = None) -> None:
+    """Refuse to resume a run with different settings, source or target (it would mix two datasets)."""
     path = output_dir / "settings.json"
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != settings:
+        differences = [
+            _describe_difference(key, previous.get(key), settings.get(key), previous, target_spec)
+            for key in settings
+            if previous.get(key) != settings[key]
+        ]
+        if differences:
             raise ValueError(
-                f"{output_dir} holds a run with other settings {previous}; got {settings}. "
-                "Use another output directory or delete it."
+                f"{output_dir} holds a run that does not match this one, so resuming would mix two datasets: "
+                + "; ".join(differences)
+                + ". Rerun with the earlier settings, use another --output folder, or delete this one."
             )
     else:
-        path.write_text(json.dumps(settings))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**settings, "target_spec": target_spec}, indent=1, sort_keys=True))
+        tmp.rename(path)

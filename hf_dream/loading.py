@@ -9,6 +9,7 @@ A *target spec* is one string, used by every CLI command:
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -18,22 +19,66 @@ import torch
 Encoder = Callable[[dict], dict]
 
 
+def _valid_forms() -> str:
+    from .reference import REFERENCE_TARGETS
+    from .testing import SUPPORTED_TINY_FAMILIES
+
+    return (
+        "valid target specs: 'tiny:<family>[:<seed>]' (family one of " + ", ".join(SUPPORTED_TINY_FAMILIES) + "), "
+        "'reference:<name>' or just '<name>' (" + ", ".join(REFERENCE_TARGETS) + "), "
+        "an existing model folder, or a Hub repository id 'owner/name'"
+    )
+
+
+def resolve_target_spec(spec: str) -> tuple[str, str]:
+    """`(kind, value)` for a target spec, checked without loading anything: kind is 'tiny' (value: the spec),
+    'reference' (value: the reference name; a bare name such as 'smolvlm-ref' counts), 'folder' or 'hub'.
+    An unusable spec is a `ValueError` that lists the valid forms."""
+    from .reference import REFERENCE_TARGETS
+    from .testing import SUPPORTED_TINY_FAMILIES
+
+    spec = str(spec)
+    if spec.startswith("tiny:"):
+        _, family, *rest = spec.split(":")
+        if family not in SUPPORTED_TINY_FAMILIES or len(rest) > 1 or (rest and not rest[0].isdigit()):
+            raise ValueError(f"target {spec!r}: not a tiny target; {_valid_forms()}")
+        return "tiny", spec
+    if spec.startswith("reference:") or spec in REFERENCE_TARGETS:
+        name = spec.split(":", 1)[1] if spec.startswith("reference:") else spec
+        if name not in REFERENCE_TARGETS:
+            raise ValueError(f"target {spec!r}: no reference target {name!r}; {_valid_forms()}")
+        return "reference", name
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder", str(path)
+    if path.is_absolute() or spec.startswith((".", "~")) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
+        raise ValueError(f"target {spec!r}: no such folder, and not a Hub id; {_valid_forms()}")
+    return "hub", spec
+
+
 def load_target(spec: str, dtype: torch.dtype | str | None = None, device: str | None = None):
     """`(model, processor)` for a target spec (`processor` is None for tiny targets)."""
-    if spec.startswith("tiny:"):
+    kind, value = resolve_target_spec(spec)
+    if kind == "tiny":
         from .testing import build_tiny_target
 
-        _, family, *seed = spec.split(":")
+        _, family, *seed = value.split(":")
         model, processor = build_tiny_target(family, seed=int(seed[0]) if seed else 0), None
-    elif spec.startswith("reference:"):
+    elif kind == "reference":
         from .reference import load_reference_target
 
-        model, processor = load_reference_target(spec.split(":", 1)[1])
+        model, processor = load_reference_target(value)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype or "auto")
-        processor = AutoProcessor.from_pretrained(spec)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(value, dtype=dtype or "auto")
+            processor = AutoProcessor.from_pretrained(value)
+        except OSError as error:
+            if kind == "folder":
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OSError(f"target {spec!r}: not a local folder, and the Hub could not provide it ({first_line}); {_valid_forms()}") from error
     if dtype is not None:
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if device is not None:
@@ -44,7 +89,7 @@ def load_target(spec: str, dtype: torch.dtype | str | None = None, device: str |
 def _load_images(image_field, base_dir: Path | None):
     from PIL import Image
 
-    paths = image_field if isinstance(image_field, list) else [] if image_field is None else [image_field]
+    paths = _image_paths(image_field)
     images = []
     for path in paths:
         if isinstance(path, Image.Image):
@@ -90,8 +135,15 @@ def make_encoder(model, processor, base_dir: str | Path | None = None) -> Encode
     return encode
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    """Examples from a JSONL file, one `{"image": ..., "prompt": ...}` per line."""
+def _image_paths(image_field) -> list:
+    return image_field if isinstance(image_field, list) else [] if image_field is None else [image_field]
+
+
+def read_prompts(path: str | Path, check_images: bool = False) -> list[dict]:
+    """Examples from a JSONL file, one `{"image": ..., "prompt": ...}` per line.
+
+    `check_images=True` also checks that every image exists (relative paths: to the file's folder), so that
+    a typo is found before any generation, with its line number."""
     path = Path(path)
     examples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -103,6 +155,13 @@ def read_prompts(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(example, dict) or "prompt" not in example:
             raise ValueError(f"{path}:{number}: each line needs a JSON object with a 'prompt' (and usually an 'image').")
+        if check_images:
+            for image in _image_paths(example.get("image", example.get("images"))):
+                image_path = Path(image)
+                if not image_path.is_absolute():
+                    image_path = path.parent / image_path
+                if not image_path.is_file():
+                    raise FileNotFoundError(f"{path}:{number}: image not found: {image_path} (paths are relative to the prompts file)")
         examples.append(example)
     if not examples:
         raise ValueError(f"{path} holds no prompts.")

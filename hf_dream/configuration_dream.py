@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import warnings
+
 from transformers import PreTrainedConfig
 
 FUSION_MODES = ("cross_attention", "concat")
@@ -97,6 +100,8 @@ class DreamConfig(PreTrainedConfig):
     static_feature_layer: int | None = None
 
     def __post_init__(self, **kwargs):
+        _check_field_types(self)
+        _warn_unknown_keys(kwargs)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -114,6 +119,53 @@ class DreamConfig(PreTrainedConfig):
         if self.entropy_candidate_layers is None and self.target_num_hidden_layers:
             self.entropy_candidate_layers = default_entropy_candidate_layers(self.target_num_hidden_layers)
         super().__post_init__(**kwargs)
+
+
+# Keys a saved config may carry besides DreamConfig's fields: transformers' own bookkeeping.
+_BOOKKEEPING_KEYS = {
+    "model_type", "auto_map", "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "_attn_implementation_internal",
+    "_experts_implementation_internal", "num_labels",
+}
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "None": type(None)}
+
+
+def _check_field_types(config: DreamConfig) -> None:
+    """A wrong-typed value (`num_draft_tokens: "5"` in config.json) is named here, not as a comparison error later."""
+    for name, annotation in DreamConfig.__annotations__.items():
+        options = [part.strip() for part in str(annotation).split("|")]
+        if any(option not in _TYPES for option in options):
+            continue
+        value = getattr(config, name)
+        allowed = tuple(t for option in options for t in (_TYPES[option] if isinstance(_TYPES[option], tuple) else (_TYPES[option],)))
+        wrong_bool = isinstance(value, bool) and "bool" not in options
+        if wrong_bool or not isinstance(value, allowed):
+            raise TypeError(
+                f"DreamConfig `{name}` must be {' or '.join(options)}, got {value!r} ({type(value).__name__}); "
+                "fix the value in config.json (numbers unquoted, true/false for flags)."
+            )
+        if "list[int]" in options and isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"DreamConfig `{name}` must be a list of ints, got {value!r}.")
+
+
+def _warn_unknown_keys(kwargs: dict) -> None:
+    """Keys DreamConfig does not know are kept (as transformers does) but named: a typo would otherwise be ignored."""
+    from transformers import GenerationConfig
+
+    unknown = sorted(set(kwargs) - _BOOKKEEPING_KEYS - set(GenerationConfig._get_default_generation_params()))
+    if not unknown:
+        return
+    fields = list(DreamConfig.__annotations__)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, fields, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    warnings.warn(
+        f"DreamConfig ignores unknown key(s) {', '.join(hints)}: they have no effect on the drafter. "
+        "Fix or remove them in config.json.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def default_entropy_candidate_layers(num_layers: int) -> list[int]:

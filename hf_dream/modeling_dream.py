@@ -9,8 +9,11 @@ holds no target weights: the target's input embeddings and lm_head are reached t
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +244,27 @@ class DreamPreTrainedModel(PreTrainedModel):
             init.zeros_(module.mlp_gate)
 
 
+def check_drafter_source(source: str | os.PathLike) -> None:
+    """Refuse a drafter source that cannot load, before any work: a folder without `config.json` (transformers
+    would build a default-sized drafter first), or a path that exists nowhere and is no Hub repo id."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"No config.json in the drafter folder {path}: it holds no saved drafter. Save one there with "
+                "`drafter.save_pretrained(DIR)` (or `hf-dream train`), or point at the folder that holds config.json."
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(f"The drafter {path} is a file: give the folder that holds its config.json and weights.")
+    text = str(source)
+    if path.is_absolute() or text.startswith((".", "~")) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
+        raise FileNotFoundError(
+            f"Drafter folder not found: {text}. Give an existing folder saved with `save_pretrained`, "
+            "or a Hub repository id `owner/name`."
+        )
+
+
 class DreamDraftModel(DreamPreTrainedModel):
     """A DREAM drafter for one target VLM.
 
@@ -464,6 +488,9 @@ class DreamDraftModel(DreamPreTrainedModel):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the config
         (missing, unexpected or mis-shaped tensors) are an error, not a silent re-initialisation."""
         want_info = kwargs.pop("output_loading_info", False)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)):
+            check_drafter_source(source)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {key: value for key, value in problems.items() if value}

@@ -80,15 +80,46 @@ def load_prepared(path: str | Path):
     return load_from_disk(str(path))
 
 
+def check_prepared_for(path: str | Path, target, target_spec: str, option: str = "--dataset") -> None:
+    """Refuse a prepared dataset that `prepare-data` made with another target (its rows would not fit this one:
+    other image inputs, other token ids). Folders without a record (older hf-dream) are not checked."""
+    from .data import recorded_settings, target_identity
+
+    recorded = (recorded_settings(path) or {}).get("target")
+    if not recorded:
+        return
+    now = target_identity(target)
+    compared = ["model_type", "build", "num_hidden_layers", "vocab_size"]
+    if recorded.get("dtype") == now["dtype"]:  # the fingerprint samples the weights as loaded: in another dtype they differ
+        compared.append("weights_fingerprint")
+    compared = [key for key in compared if key in recorded]
+    differences = [f"{key} {recorded[key]!r} -> {now.get(key)!r}" for key in compared if recorded[key] != now.get(key)]
+    if differences:
+        made_with = recorded_settings(path).get("target_spec") or "another target"
+        raise ValueError(
+            f"{option} {path} was prepared with {made_with}, not with --target {target_spec} ({', '.join(differences)}): "
+            f"its responses are another model's. Prepare data with this target: "
+            f"`hf-dream prepare-data --target {target_spec} ...`, or train with --target {made_with}."
+        )
+
+
 def run_training(script_args: DreamScriptArguments, training_args: DreamTrainingArguments) -> DreamDraftModel:
     """Load the target and data, build or load the drafter, train, save. Returns the drafter."""
-    from ..loading import load_target
+    from ..loading import load_target, resolve_target_spec
+    from ..modeling_dream import check_drafter_source
 
     if not script_args.target or not script_args.dataset:
         raise ValueError("Both --target and --dataset are required (on the command line or in --config).")
-    target, _ = load_target(script_args.target, dtype=script_args.target_dtype)
+    # everything that can be checked without the target first: loading a large target takes minutes
+    resolve_target_spec(script_args.target)
     train_dataset = load_prepared(script_args.dataset)
     eval_dataset = load_prepared(script_args.eval_dataset) if script_args.eval_dataset else None
+    if script_args.drafter:
+        check_drafter_source(script_args.drafter)
+    target, _ = load_target(script_args.target, dtype=script_args.target_dtype)
+    for option, path in (("--dataset", script_args.dataset), ("--eval_dataset", script_args.eval_dataset)):
+        if path:
+            check_prepared_for(path, target, script_args.target, option)
     if eval_dataset is None and script_args.eval_size > 0:
         if script_args.eval_size >= len(train_dataset):
             raise ValueError(f"--eval_size {script_args.eval_size} leaves no training rows ({len(train_dataset)} in all).")
@@ -123,6 +154,10 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         trainer.evaluate()
     destination = script_args.save_drafter_to or str(Path(training_args.output_dir) / "drafter")
     trainer.save_model(destination)
+    if trainer.is_world_process_zero():
+        # Trainer.save_model also pickles the TrainingArguments there; a drafter folder holds only what is
+        # uploaded (hf-dream push refuses pickles); the run's checkpoints keep their own copy
+        (Path(destination) / "training_args.bin").unlink(missing_ok=True)
     return drafter
 
 

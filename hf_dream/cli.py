@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -192,24 +193,28 @@ def _configure_prepare_data(parser: argparse.ArgumentParser) -> None:
 @command("prepare-data", _configure_prepare_data)
 def run_prepare_data(args: argparse.Namespace) -> int:
     """Regenerate responses with the target (greedy) and save a training-ready dataset."""
-    from .loading import load_target, make_encoder, read_prompts
+    from .loading import load_target, make_encoder, read_prompts, resolve_target_spec
     from .training import prepare_dataset
 
     _require(args, "target", "output")
     if bool(args.prompts) == bool(args.hf_dataset):
         raise SystemExit("hf-dream prepare-data: give exactly one of --prompts or --hf-dataset")
+    _check_positive(args, "limit", "max_new_tokens", "batch_size", "shard_size")
+    kind, _ = resolve_target_spec(args.target)  # a bad spec fails here, before anything is read or loaded
     if args.prompts:
-        source, base_dir = read_prompts(args.prompts), Path(args.prompts).parent
+        # tiny targets draw their inputs from a seed and never open the images
+        source, base_dir = read_prompts(args.prompts, check_images=kind != "tiny"), Path(args.prompts).parent
     else:
         from datasets import load_from_disk
 
         source, base_dir = load_from_disk(args.hf_dataset), None
-    if args.limit:
+    if args.limit is not None:
         source = [source[i] for i in range(min(args.limit, len(source)))]
     target, processor = load_target(args.target, dtype=args.target_dtype)
     dataset = prepare_dataset(
         target, source, make_encoder(target, processor, base_dir), args.output,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+        target_spec=args.target,
     )
     lengths = [len(row) - start for row, start in zip(dataset["input_ids"], dataset["prompt_length"])]
     print(f"{len(dataset)} examples -> {Path(args.output) / 'dataset'} (mean response {sum(lengths) / len(lengths):.1f} tokens)")
@@ -267,6 +272,14 @@ def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{name.replace('_', '-')}" for name in names if not getattr(args, name)]
     if missing:
         raise SystemExit(f"hf-dream {args.command}: missing {', '.join(missing)}")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Integer options that must be >= 1 when given (`--limit 0` would select nothing)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"hf-dream {args.command}: --{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 # --- benchmark ----------------------------------------------------------------------------
@@ -334,13 +347,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from .evaluation import benchmark, build_methods, correctness_failures, write_reports
     from .evaluation.bench import machine_description
-    from .loading import load_target, make_encoder, read_prompts
+    from .loading import load_target, make_encoder, read_prompts, resolve_target_spec
+    from .modeling_dream import check_drafter_source
 
     _require(args, "target", "prompts")
+    _check_positive(args, "limit", "max_new_tokens", "threads", "tree_top_k", "tree_depth")
     schedules = _draft_schedules(args.draft_schedule)
+    kind, _ = resolve_target_spec(args.target)
+    for spec in args.drafter:  # a bad drafter fails before the target is loaded
+        check_drafter_source(spec.rpartition("=")[2] if "=" in spec else spec)
     if args.threads:
         torch.set_num_threads(args.threads)
-    examples = read_prompts(args.prompts)[: args.limit]
+    examples = read_prompts(args.prompts, check_images=kind != "tiny")[: args.limit]
     target, processor = load_target(args.target, dtype=args.target_dtype)
     drafters = _load_drafters(args.drafter, target, getattr(torch, args.drafter_dtype) if args.drafter_dtype else None)
     for name in schedules.keys() - {None} - drafters.keys():
@@ -413,6 +431,12 @@ def run_card(args: argparse.Namespace) -> int:
         for path in export_remote_code(args.drafter):
             print(f"wrote {path}")
     card = render_card(args.drafter, args.bench, repo_id=args.repo_id, license=args.license, base_model=args.base_model)
+    if not card.data.to_dict().get("license"):
+        raise SystemExit(
+            f"hf-dream card: no licence for {args.drafter}'s card: pass --license ID (the target's licence applies to "
+            "its drafter, e.g. --license apache-2.0; see the target's model card), or record \"license\" in "
+            f"{Path(args.drafter) / 'target_config.json'}"
+        )
     validate_card(card)
     out = Path(args.out or Path(args.drafter) / "README.md")
     if args.check:
@@ -469,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-dream",
         description="DREAM speculative decoding for vision-language models in transformers.",
     )
+    parser.add_argument("--debug", dest="debug_traceback", action="store_true", help=f"on failure, show the traceback (also: {DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HfArgumentParser)
     parser.subcommands = {}
     for name, (configure, run, dataclass_types) in COMMANDS.items():
@@ -477,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=doc.splitlines()[0], description=doc, dataclass_types=list(dataclass_types), formatter_class=_HelpFormatter
         )
         sub.add_argument("--config", help="YAML or JSON file of option values; options given on the command line win.")
+        if not any("--debug" in action.option_strings for action in sub._actions):  # `train` has TrainingArguments' --debug
+            sub.add_argument("--debug", dest="debug_traceback", action="store_true", help=f"on failure, show the traceback (also: {DEBUG_ENV}=1)")
         if configure is not None:
             configure(sub)
         sub.set_defaults(run=run)
@@ -484,25 +511,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+DEBUG_ENV = "HF_DREAM_DEBUG"
+
+
+def main(argv: list[str] | None = None, raise_errors: bool | None = None) -> int:
     """Run `hf-dream` on `argv` (default: `sys.argv[1:]`) and return the exit code.
 
     `--config FILE` after the subcommand sets that subcommand's defaults from the file (unknown keys are an
     error), so options given on the command line still win.
+
+    As a command (`argv` None), a failure prints one line, `hf-dream COMMAND: error: ...`, on stderr and exits 1;
+    the traceback is shown with `hf-dream --debug COMMAND ...` (or `COMMAND ... --debug`, except for `train`,
+    whose `--debug` is TrainingArguments') or `HF_DREAM_DEBUG=1`. Called with an explicit `argv` (from Python,
+    in tests), errors propagate unless `raise_errors=False`.
     """
+    if raise_errors is None:
+        raise_errors = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1] or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if raise_errors or debug:
+        return _main(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("hf-dream: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as error:  # one line, not a traceback: the message names the problem and the fix
+        if _debug_requested:
+            raise
+        name = next((arg for arg in argv if not arg.startswith("-")), "")
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"hf-dream {name}: error: {message} ({type(error).__name__}; traceback: rerun with --debug or {DEBUG_ENV}=1)", file=sys.stderr)
+        return 1
+
+
+_debug_requested = False
+
+
+def _main(argv: list[str]) -> int:
+    global _debug_requested
+    _debug_requested = False
     parser = build_parser()
-    if "--config" in argv[1:]:
+    offset = 1 if argv[:1] == ["--debug"] else 0
+    if "--config" in argv[offset + 1:]:
         # the config file provides defaults; explicit command-line options override it
         config = _load_config(argv[argv.index("--config") + 1])
-        subparser = parser.subcommands[argv[0]]
+        subparser = parser.subcommands[argv[offset]]
         known = {action.dest for action in subparser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
             parser.error(f"unknown option(s) in {argv[argv.index('--config') + 1]}: {', '.join(unknown)}")
         subparser.set_defaults(**config)
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.argv = argv[offset:]
+    _debug_requested = bool(getattr(args, "debug_traceback", False))
     return args.run(args)
 
 

@@ -70,3 +70,62 @@ def test_every_subcommand_documents_its_options(name, capsys):
     for action in build_parser()._subparsers._group_actions[0].choices[name]._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{name} {action.option_strings} has no help text"
+
+
+def _target_must_not_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the target was loaded before the input was checked")
+
+    monkeypatch.setattr("hf_dream.loading.load_target", refuse)
+
+
+def test_a_failure_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_DREAM_DEBUG", raising=False)
+    _target_must_not_load(monkeypatch)
+    argv = ["bench", "--target", "smolvlm-reff", "--prompts", str(tmp_path / "p.jsonl")]
+    monkeypatch.setattr("sys.argv", ["hf-dream", *argv])
+    assert main() == 1  # as the installed command runs it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("hf-dream bench: error: target 'smolvlm-reff': no such folder") and "valid target specs" in err
+    assert "--debug" in err
+    for debug in (["hf-dream", "--debug", *argv], ["hf-dream", *argv, "--debug"]):
+        monkeypatch.setattr("sys.argv", debug)
+        with pytest.raises(ValueError, match="valid target specs"):
+            main()
+    monkeypatch.setattr("sys.argv", ["hf-dream", *argv])
+    monkeypatch.setenv("HF_DREAM_DEBUG", "1")
+    with pytest.raises(ValueError, match="valid target specs"):
+        main()
+
+
+def test_bench_checks_limit_drafters_and_images_before_loading_the_target(tmp_path, monkeypatch):
+    _target_must_not_load(monkeypatch)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"image": "cat.png", "prompt": "q"}) + "\n")
+    base = ["bench", "--target", "reference:smolvlm-ref", "--prompts", str(prompts)]
+    with pytest.raises(SystemExit, match="--limit must be at least 1, got 0"):
+        main([*base, "--limit", "0"])
+    with pytest.raises(FileNotFoundError, match="Drafter folder not found: /tmp/does_not_exist"):
+        main([*base, "--drafter", "/tmp/does_not_exist"])
+    with pytest.raises(FileNotFoundError, match=r"p.jsonl:1: image not found"):
+        main(base)
+
+
+def test_prepare_data_finds_a_missing_image_before_loading_the_target(tmp_path, monkeypatch):
+    _target_must_not_load(monkeypatch)
+    (tmp_path / "cat.png").write_bytes(b"")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"image": name, "prompt": "q"}) + "\n" for name in ["cat.png"] * 35 + ["catt.png"]))
+    with pytest.raises(FileNotFoundError, match=r"p.jsonl:36: image not found: .*catt.png"):
+        main(["prepare-data", "--target", "smolvlm-ref", "--prompts", str(prompts), "--output", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--limit must be at least 1"):
+        main(["prepare-data", "--target", "tiny:llava", "--prompts", str(prompts), "--output", str(tmp_path / "o"), "--limit", "0"])
+
+
+def test_card_without_a_licence_names_the_option(tmp_path):
+    from hf_dream import DreamConfig
+
+    DreamConfig(hidden_size=64, num_attention_heads=4, vocab_size=100, target_name_or_path="someone/target").save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="pass --license ID"):
+        main(["card", "--drafter", str(tmp_path)])

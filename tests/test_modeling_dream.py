@@ -176,3 +176,13 @@ def test_reduced_draft_vocabulary_round_trip(tmp_path):
         drafter.set_draft_vocab(torch.zeros(40, dtype=torch.long))
     with pytest.raises(ValueError, match="draft_vocab_size"):
         DreamDraftModel.from_target(target, draft_vocab_size=10**6)
+
+
+def test_a_folder_without_config_or_a_missing_folder_is_named(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(DreamDraftModel, "__init__", lambda self, *a, **k: built.append(1))
+    with pytest.raises(FileNotFoundError, match="No config.json in the drafter folder"):
+        DreamDraftModel.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Drafter folder not found: /tmp/does_not_exist_hf_dream"):
+        DreamDraftModel.from_pretrained("/tmp/does_not_exist_hf_dream")
+    assert built == []  # refused before any drafter was built

@@ -36,6 +36,7 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys):
     with pytest.raises(ValueError, match="--entropy_layers must be 'all' or target layers in 1..1"):
         main(["train", "--config", str(config), "--entropy_layers", "5"])
     assert main(["train", "--config", str(config), "--visual_keep_ratio", "0.5", "--intermediate_size", "24", "--entropy_layers", "all"]) == 0
+    assert not (tmp_path / "run" / "drafter" / "training_args.bin").exists()  # `hf-dream push` refuses pickles
     drafter = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
     assert drafter.config.visual_keep_ratio == 0.5 and drafter.config.target_model_type == "gemma3"
     assert drafter.config.intermediate_size == 24 and drafter.final_block.mlp.up_proj.out_features == 24
@@ -81,3 +82,22 @@ def test_shipped_training_configs_name_real_options():
     accelerate = yaml.safe_load((configs / "accelerate_fsdp2.yaml").read_text())
     assert accelerate["distributed_type"] == "FSDP" and accelerate["fsdp_config"]["fsdp_version"] == 2
     assert "DreamCrossAttentionBlock" in accelerate["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+
+
+def test_train_checks_the_dataset_before_loading_the_target(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the target was loaded before the dataset was checked")
+
+    monkeypatch.setattr("hf_dream.loading.load_target", refuse)
+    common = ["--use_cpu", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(FileNotFoundError, match="No prepared dataset"):
+        main(["train", "--target", "tiny:llava", "--dataset", str(tmp_path / "nope"), *common])
+    with pytest.raises(ValueError, match="valid target specs"):
+        main(["train", "--target", "smolvlm-reff", "--dataset", str(tmp_path / "nope"), *common])
+
+
+def test_train_refuses_a_dataset_prepared_for_another_target(tmp_path, prompts):
+    data = tmp_path / "data"
+    assert main(["prepare-data", "--target", "tiny:llava", "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "4"]) == 0
+    with pytest.raises(ValueError, match="was prepared with tiny:llava, not with --target tiny:idefics3"):
+        main(["train", "--target", "tiny:idefics3", "--dataset", str(data), "--use_cpu", "--report_to", "none", "--output_dir", str(tmp_path / "run")])

@@ -69,7 +69,7 @@ def test_interrupted_preparation_resumes_to_the_same_dataset(tmp_path):
     resumed = prepare(tmp_path / "resumed", num=10, encode=crashing_encode)
     assert calls[0] == 4  # restarted at the first missing shard, no work redone
     assert resumed.to_list() == complete.to_list()
-    with pytest.raises(ValueError, match="other settings"):  # resuming with other settings would mix datasets
+    with pytest.raises(ValueError, match="max_new_tokens: 40 before, 12 now"):  # resuming with other settings would mix datasets
         prepare_dataset(target, [{"seed": i} for i in range(10)], crashing_encode, tmp_path / "resumed", max_new_tokens=12)
 
 

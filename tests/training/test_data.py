@@ -1,0 +1,82 @@
+"""`prepare_dataset` never mixes two runs in one folder: another target, edited prompts or other settings are
+refused before any generation, naming the difference (B7); a prepared dataset is refused for another target."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import cached_target
+
+from hf_dream.testing import make_tiny_inputs
+from hf_dream.training import prepare_dataset
+from hf_dream.training.data import recorded_settings
+from hf_dream.training.script import check_prepared_for
+
+
+def run(target, folder, examples, calls=None, **kwargs):
+    def encode(example):
+        if calls is not None:
+            calls.append(example["seed"])
+        return make_tiny_inputs(target, seed=example["seed"])
+
+    options = dict(max_new_tokens=6, batch_size=2, shard_size=2, show_progress=False)
+    return prepare_dataset(target, examples, encode, folder, **{**options, **kwargs})
+
+
+def killed_after_first_shard(folder):
+    import shutil
+
+    for shard in sorted((folder / "shards").iterdir())[1:]:
+        shutil.rmtree(shard)
+    shutil.rmtree(folder / "dataset")
+
+
+EXAMPLES = [{"seed": i, "prompt": f"prompt {i}"} for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (("llava", 7), r"another target: the folder was made with tiny:llava, now tiny:llava:7 \(weights_fingerprint"),
+        (("idefics3", 0), r"another target: .*model_type 'llava' -> 'idefics3'"),
+    ],
+)
+def test_resuming_with_another_target_is_refused_before_any_generation(tmp_path, other, message):
+    run(cached_target("llava"), tmp_path, EXAMPLES, target_spec="tiny:llava")
+    killed_after_first_shard(tmp_path)
+    calls = []
+    family, seed = other
+    with pytest.raises(ValueError, match=message):
+        run(cached_target(family, seed=seed), tmp_path, EXAMPLES, calls, target_spec=f"tiny:{family}:{seed}" if seed else f"tiny:{family}")
+    assert calls == []  # nothing was encoded or generated
+    assert recorded_settings(tmp_path)["target_spec"] == "tiny:llava"
+
+
+def test_resuming_with_edited_prompts_or_other_settings_names_the_difference(tmp_path):
+    target = cached_target("llava")
+    run(target, tmp_path, EXAMPLES)
+    killed_after_first_shard(tmp_path)
+    edited = [dict(example, prompt=example["prompt"] + "!") if example["seed"] == 3 else example for example in EXAMPLES]
+    with pytest.raises(ValueError, match="the source examples differ"):
+        run(target, tmp_path, edited)
+    with pytest.raises(ValueError, match="batch_size: 2 before, 1 now"):
+        run(target, tmp_path, EXAMPLES, batch_size=1)
+    with pytest.raises(ValueError, match="generate_kwargs"):
+        run(target, tmp_path, EXAMPLES, repetition_penalty=1.3)
+    resumed = run(target, tmp_path, EXAMPLES)  # the same run resumes
+    assert resumed["source_index"] == [0, 1, 2, 3]
+
+
+def test_a_folder_from_an_older_hf_dream_is_not_resumed_blindly(tmp_path):
+    import json
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "settings.json").write_text(json.dumps({"max_new_tokens": 6, "do_sample": False, "num_examples": 4, "shard_size": 2}))
+    with pytest.raises(ValueError, match="target: not recorded by the earlier run"):
+        run(cached_target("llava"), tmp_path, EXAMPLES)
+
+
+def test_a_dataset_prepared_for_another_target_is_refused_for_training(tmp_path):
+    run(cached_target("llava"), tmp_path, EXAMPLES, target_spec="tiny:llava")
+    check_prepared_for(tmp_path / "dataset", cached_target("llava"), "tiny:llava")  # the same target: fine
+    with pytest.raises(ValueError, match=r"--dataset .* was prepared with tiny:llava, not with --target tiny:idefics3 \(model_type"):
+        check_prepared_for(tmp_path / "dataset", cached_target("idefics3"), "tiny:idefics3")

@@ -79,6 +79,7 @@ class DreamDecodingOptions:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
+        """`{option name: value}`, every option."""
         return asdict(self)
 
 

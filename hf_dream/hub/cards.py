@@ -113,7 +113,7 @@ def _architecture(config: DreamConfig, parameters: int) -> dict:
         "keep_text": keep_text,
         "entropy_layers": _layer_ranges(config.entropy_candidate_layers),
         # the drafter's default decoding options (per-call generation settings, not config fields)
-        **{key: getattr(options_from_config(config), key) for key in ("num_draft_tokens", "draft_schedule")},
+        **{key: value for key, value in options_from_config(config).to_dict().items() if key in ("num_draft_tokens", "draft_schedule")},
         **{
             key: getattr(config, key)
             for key in (

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dream import DreamConfig
-from .generation import DreamCandidateGenerator, batched_generate, install, tree_generate
+from .generation import DreamCandidateGenerator, DreamDecodingOptions, batched_generate, install, tree_generate
 from .modeling_dream import DreamDraftModel, DreamDraftOutput, DreamFeatureMemory
 from .targets import TARGET_ADAPTERS, TargetAdapter, get_target_adapter, register_target_adapter, supported_families
 
@@ -56,6 +56,7 @@ __all__ = [
     "DreamDraftOutput",
     "DreamFeatureMemory",
     "DreamCandidateGenerator",
+    "DreamDecodingOptions",
     "TargetAdapter",
     "TARGET_ADAPTERS",
     "get_target_adapter",

@@ -58,6 +58,7 @@ REFERENCE_DEMO = {
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from .configuration_dream import DRAFT_SCHEDULES
     from .reference import REFERENCE_TARGETS
     from .testing import SUPPORTED_TINY_FAMILIES
 
@@ -78,6 +79,8 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="reference demo: an image file (default: a photo bundled with scikit-image)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: 256: a paragraph)")
     parser.add_argument("--seed", type=int, default=0, help="tiny demo: seed of the target and its prompt (default: 0)")
+    parser.add_argument("--num-draft-tokens", type=int, help="tokens drafted per round (default: the drafter's, 5 unless it says otherwise)")
+    parser.add_argument("--draft-schedule", choices=DRAFT_SCHEDULES, help="draft-length schedule (default: the drafter's, 'constant' unless it says otherwise)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -153,7 +156,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # warm-up: the first generate() pays one-off costs (kernels, the vision tower's first call) that
     # would otherwise be charged to whichever method runs first
     target.generate(**inputs, max_new_tokens=2, do_sample=False)
-    for name, extra in (("plain", {}), ("dream", {"assistant_model": drafter})):
+    # DREAM decoding options are per-call generate() keywords; unset ones stay the drafter's defaults
+    options = {k: v for k, v in {"num_draft_tokens": args.num_draft_tokens, "draft_schedule": args.draft_schedule}.items() if v is not None}
+    for name, extra in (("plain", {}), ("dream", {"assistant_model": drafter, **options})):
         start = time.perf_counter()
         outputs[name] = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)
         timings[name] = round(time.perf_counter() - start, 3)
@@ -302,7 +307,8 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-total-tokens", type=_int_or_auto, help="tree methods: nodes verified per pass, or 'auto' (sized from measured verification cost)")
     parser.add_argument(
         "--draft-schedule", action="append", default=[],
-        help="chain methods: constant, heuristic or auto for every drafter, or NAME=SCHEDULE for one (repeatable); default: as saved",
+        help="chain methods: constant, heuristic or auto for every drafter, or NAME=SCHEDULE for one (repeatable); "
+        "default: the drafter's own (drafter.decoding_options)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up call per method")
     parser.add_argument("--out", default="results.json", help="result JSON; the .md table and .png plot go beside it (default: results.json)")
@@ -363,10 +369,13 @@ def run_bench(args: argparse.Namespace) -> int:
     drafters = _load_drafters(args.drafter, target, getattr(torch, args.drafter_dtype) if args.drafter_dtype else None)
     for name in schedules.keys() - {None} - drafters.keys():
         raise SystemExit(f"hf-dream bench: --draft-schedule names {name!r}, which is not a drafter ({', '.join(drafters)})")
-    for name, drafter in drafters.items():
-        drafter.config.draft_schedule = schedules.get(name, schedules.get(None, drafter.config.draft_schedule))
+    # decoding options are per-call generate() keywords; unset ones stay each drafter's defaults
+    chain_options = {}
+    for name in drafters:
+        if (schedule := schedules.get(name, schedules.get(None))) is not None:
+            chain_options[name] = {"draft_schedule": schedule}
     tree_options = {k: v for k, v in {"tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth, "tree_total_tokens": args.tree_total_tokens}.items() if v}
-    methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options)
+    methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options, chain_options)
     encode = make_encoder(target, processor, Path(args.prompts).parent)
     encoded = [{k: v.to(target.device) for k, v in encode(example).items()} for example in examples]
     result = benchmark(target, encoded, methods, args.max_new_tokens, args.temperature, warmup=not args.no_warmup)

@@ -9,6 +9,9 @@ from transformers import PreTrainedConfig
 
 FUSION_MODES = ("cross_attention", "concat")
 DRAFT_SCHEDULES = ("constant", "heuristic", "auto")
+# The fields of `hf_dream.generation.options.DreamDecodingOptions` (this module imports no other hf_dream
+# module: it is exported as-is for `trust_remote_code` users), which earlier releases saved in config.json.
+DECODING_OPTION_NAMES = ("num_draft_tokens", "draft_schedule", "tree_top_k", "tree_depth", "tree_total_tokens")
 
 
 class DreamConfig(PreTrainedConfig):
@@ -43,15 +46,6 @@ class DreamConfig(PreTrainedConfig):
         visual_keep_ratio (`float`): Fraction of visual tokens kept in the *drafter's* input
             sequence, chosen by the attention they receive in the target's last layer
             (DREAM keeps 75%). `1.0` disables compression. The target always sees every token.
-        num_draft_tokens (`int`): Tokens drafted per round in chain drafting (the drafter's
-            counterpart of an assistant's `generation_config.num_assistant_tokens`).
-        draft_schedule (`str`): `"constant"` drafts `num_draft_tokens` every round;
-            `"heuristic"` adapts it during a call as transformers' assistants do (+2 after a
-            fully accepted draft, -1 otherwise, never below 1); `"auto"` times verification
-            passes and a drafter step on this machine once, estimates the acceptance rate from
-            the rounds seen (remembered across calls) and drafts the length with the best
-            expected tokens per second, 1..8 (`hf_dream.generation.cost_model`; batch-1 chain
-            decoding; batches draft `num_draft_tokens`).
         draft_vocab_size (`int`, *optional*): If set, the drafter predicts only this many of the
             target's tokens (the most frequent ones in its training data, EAGLE-3 style): its
             output layer is the matching rows of the target's lm_head, a large saving when the
@@ -70,6 +64,15 @@ class DreamConfig(PreTrainedConfig):
             reference code: `1 .. int(0.4 * L) - 2`).
         static_feature_layer (`int`): If set, supervise the first draft block with this fixed
             target layer instead of the entropy-selected one (ablation).
+
+    Decoding options (`num_draft_tokens`, `draft_schedule`, the tree sizes) are not part of the
+    config: they are per-call generation settings, [`DreamDecodingOptions`], passed to
+    `generate(..., assistant_model=drafter, num_draft_tokens=3)` or set as the drafter's defaults in
+    `drafter.decoding_options`. A `config.json` saved before they moved out (with
+    `num_draft_tokens` / `draft_schedule` keys) still loads: the drafter built from it checks the
+    values and makes them its `decoding_options` (a one-time warning says so when they differ from
+    the library defaults); they are not written back when the config is saved again. Setting one on a
+    config (`config.draft_schedule = "auto"`, the old way) is an `AttributeError` saying where it went.
     """
 
     model_type = "dream_drafter"
@@ -88,8 +91,6 @@ class DreamConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     fusion: str = "cross_attention"
     visual_keep_ratio: float = 0.75
-    num_draft_tokens: int = 5
-    draft_schedule: str = "constant"
     draft_vocab_size: int | None = None
     target_model_type: str | None = None
     target_name_or_path: str | None = None
@@ -100,6 +101,10 @@ class DreamConfig(PreTrainedConfig):
     static_feature_layer: int | None = None
 
     def __post_init__(self, **kwargs):
+        # decoding options saved in the config by earlier releases: kept for the drafter, which checks
+        # them and makes them its `decoding_options`; never serialised again
+        legacy = {name: kwargs.pop(name) for name in DECODING_OPTION_NAMES if name in kwargs}
+        object.__setattr__(self, "_legacy_decoding_options", legacy or None)
         _check_field_types(self)
         _warn_unknown_keys(kwargs)
         if self.head_dim is None:
@@ -110,15 +115,33 @@ class DreamConfig(PreTrainedConfig):
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
         if not 0.0 < self.visual_keep_ratio <= 1.0:
             raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
-        if self.num_draft_tokens < 1:
-            raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"`draft_vocab_size` must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}.")
-        if self.draft_schedule not in DRAFT_SCHEDULES:
-            raise ValueError(f"`draft_schedule` must be one of {DRAFT_SCHEDULES}, got {self.draft_schedule!r}.")
         if self.entropy_candidate_layers is None and self.target_num_hidden_layers:
             self.entropy_candidate_layers = default_entropy_candidate_layers(self.target_num_hidden_layers)
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, name, value):
+        if name in _DECODING_OPTION_NAMES:
+            raise AttributeError(
+                f"`{name}` is a decoding option, no longer a DreamConfig field: pass it per call "
+                f"(`target.generate(..., assistant_model=drafter, {name}=...)`) or set the drafter's default with "
+                f"`drafter.decoding_options = drafter.decoding_options.updated({name}=...)`."
+            )
+        super().__setattr__(name, value)
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_legacy_decoding_options", None)
+        return output
+
+    @property
+    def legacy_decoding_options(self) -> dict | None:
+        """Decoding options found in this config's source (a `config.json` of an earlier release), or None."""
+        return self.__dict__.get("_legacy_decoding_options")
+
+
+_DECODING_OPTION_NAMES = frozenset(DECODING_OPTION_NAMES)
 
 
 # Keys a saved config may carry besides DreamConfig's fields: transformers' own bookkeeping.

@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import ModelOutput
 
-from .configuration_dream import DreamConfig
+from .configuration_dream import DECODING_OPTION_NAMES, DreamConfig
 from .targets import TargetAdapter, get_target_adapter
 
 
@@ -265,12 +265,26 @@ def check_drafter_source(source: str | os.PathLike) -> None:
         )
 
 
+def _default_decoding_options(config: DreamConfig):
+    """The drafter's default `DreamDecodingOptions` (an earlier release's config.json may carry them), or
+    None where only this file and its siblings are installed (`trust_remote_code`: no DREAM decoding there)."""
+    try:
+        # imported by name: the code exported for `trust_remote_code` holds only this module's siblings
+        options = importlib.import_module("hf_dream.generation.options")
+    except ModuleNotFoundError:
+        return None
+    return options.options_from_config(config)
+
+
 class DreamDraftModel(DreamPreTrainedModel):
     """A DREAM drafter for one target VLM.
 
     Use it as `target.generate(**inputs, assistant_model=drafter)` after `import hf_dream`.
     Build a fresh one with [`DreamDraftModel.from_target`], load a trained one with
     `from_pretrained`. After each `generate` call, `last_stats` holds the decoding statistics.
+    `decoding_options` (a `DreamDecodingOptions`: draft length, schedule, tree sizes) are this drafter's
+    defaults for every call; `generate(..., assistant_model=drafter, num_draft_tokens=3)` overrides them
+    for one call.
     """
 
     def __init__(self, config: DreamConfig):
@@ -299,6 +313,9 @@ class DreamDraftModel(DreamPreTrainedModel):
         # the input batch row of every row of the drafter's current forward, set by the custom
         # decoding loops (`DrafterState`) for row-keyed test drafters; None otherwise
         self.batch_rows: list[int] | None = None
+        # this drafter's default decoding options (`hf_dream.generation.options.DreamDecodingOptions`);
+        # each generate() call can override them
+        self.decoding_options = _default_decoding_options(config)
         self.post_init()
 
     # --- target ----------------------------------------------------------------------------
@@ -329,9 +346,14 @@ class DreamDraftModel(DreamPreTrainedModel):
     def from_target(cls, target, **overrides) -> DreamDraftModel:
         """A freshly initialised drafter sized for `target`, attached to it, on its device and dtype.
 
-        `overrides` are [`DreamConfig`] fields, e.g. `fusion="concat"` or `visual_keep_ratio=1.0`.
+        `overrides` are [`DreamConfig`] fields, e.g. `fusion="concat"` or `visual_keep_ratio=1.0`, or
+        decoding options (`num_draft_tokens=3`), which become the drafter's `decoding_options`.
         """
+        names = DECODING_OPTION_NAMES
+        options = {name: overrides.pop(name) for name in names if name in overrides}
         drafter = cls(cls.config_for_target(target, **overrides))
+        if options:
+            drafter.decoding_options = drafter.decoding_options.updated(**options)
         drafter.to(device=target.device, dtype=target.dtype)
         drafter.attach_target(target)
         return drafter

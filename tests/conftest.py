@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_dream  # noqa: F401  (installs the generate() hook)
-from hf_dream import DreamDraftModel, DreamDraftOutput
+from hf_dream import DreamDecodingOptions, DreamDraftModel, DreamDraftOutput
 from hf_dream.testing import SUPPORTED_TINY_FAMILIES, build_tiny_target, make_tiny_inputs
 
 # Tiny models: torch's intra-op thread pool only adds overhead (and thrashes on a busy 2-core box).
@@ -77,9 +77,17 @@ class OracleDraftModel(DreamDraftModel):
         return output
 
 
+def build_drafter(cls, target, **overrides):
+    """`cls(config for target)`: `overrides` are DreamConfig fields or decoding options (the drafter's defaults)."""
+    options = {name: overrides.pop(name) for name in DreamDecodingOptions.names() if name in overrides}
+    drafter = cls(DreamDraftModel.config_for_target(target, **overrides))
+    drafter.decoding_options = drafter.decoding_options.updated(**options)
+    return drafter
+
+
 def oracle_drafter(target, sequence: torch.Tensor, cls=None, **overrides) -> OracleDraftModel:
     """An oracle drafter (`cls`, an OracleDraftModel by default) for `target`'s output `sequence`."""
-    drafter = (cls or OracleDraftModel)(DreamDraftModel.config_for_target(target, **overrides))
+    drafter = build_drafter(cls or OracleDraftModel, target, **overrides)
     drafter.attach_target(target)
     drafter.oracle = sequence[0]
     return drafter

@@ -18,6 +18,24 @@ def test_demo_reports_identical_output_and_stats(capsys):
     assert result["stats"]["new_tokens"] == 16 and result["stats"]["target_passes"] >= 1
 
 
+def test_demo_decoding_options_go_to_generate(capsys, monkeypatch):
+    """`--num-draft-tokens` / `--draft-schedule` are this run's generate() keywords, not config edits."""
+    from transformers.generation import GenerationMixin
+
+    seen = []
+    generate = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        if "assistant_model" in kwargs:
+            seen.append({k: kwargs.get(k) for k in ("num_draft_tokens", "draft_schedule")})
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    assert main(["demo", "--tiny", "llava", "--max-new-tokens", "8", "--num-draft-tokens", "2", "--draft-schedule", "heuristic", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["identical"] is True
+    assert seen == [{"num_draft_tokens": 2, "draft_schedule": "heuristic"}]
+
+
 def test_demo_uses_the_drafter_shipped_in_the_package_from_any_directory(tmp_path, monkeypatch):
     """B9: the reference drafter was looked up in the checkout (`parents[1] / "model_cards"`), so `hf-dream demo` failed
     after `pip install`; it is package data now."""

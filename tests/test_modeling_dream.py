@@ -148,10 +148,8 @@ def test_unattached_drafter_says_what_to_do():
         drafter(embeds, positions, target_features=features)
 
 
-@pytest.mark.parametrize(
-    "field, value", [("fusion", "mlp"), ("visual_keep_ratio", 0.0), ("num_draft_tokens", 0), ("draft_schedule", "x")]
-)
-def test_config_rejects_bad_values(field, value):
+@pytest.mark.parametrize("field, value", [("fusion", "mlp"), ("visual_keep_ratio", 0.0), ("draft_vocab_size", 0)])
+def test_config_rejects_bad_values(field, value):  # decoding options: tests/generation/test_options.py
     with pytest.raises(ValueError, match=field):
         DreamConfig(hidden_size=64, num_attention_heads=4, **{field: value})
 

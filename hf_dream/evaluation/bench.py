@@ -26,14 +26,14 @@ class Method:
     name: str
     kind: str  # "ar" | "prompt_lookup" | "chain" | "tree"
     drafter: DreamDraftModel | None = None
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # extra generate() keywords: DREAM decoding options for chain / tree
 
     def generate_kwargs(self) -> dict:
         """Extra `generate()` keyword arguments that select this method (empty for `ar`)."""
         if self.kind == "prompt_lookup":
             return {"prompt_lookup_num_tokens": self.options.get("prompt_lookup_num_tokens", 10)}
         if self.kind == "chain":
-            return {"assistant_model": self.drafter}
+            return {"assistant_model": self.drafter, **self.options}
         if self.kind == "tree":
             from ..generation.tree import tree_generate
 
@@ -41,14 +41,18 @@ class Method:
         return {}
 
 
-def build_methods(names: list[str], drafters: dict[str, DreamDraftModel], tree_options: dict | None = None) -> list[Method]:
-    """Resolve method names: `ar`, `prompt_lookup`, a drafter name (chain) or `<drafter>_tree`."""
+def build_methods(
+    names: list[str], drafters: dict[str, DreamDraftModel], tree_options: dict | None = None, chain_options: dict | None = None
+) -> list[Method]:
+    """Resolve method names: `ar`, `prompt_lookup`, a drafter name (chain) or `<drafter>_tree`.
+    `tree_options` / `chain_options` (`{drafter name: options}`): DREAM decoding options passed to
+    generate() for tree / chain methods (see `DreamDecodingOptions`)."""
     methods = []
     for name in names:
         if name in ("ar", "prompt_lookup"):
             methods.append(Method(name, name))
         elif name in drafters:
-            methods.append(Method(name, "chain", drafters[name]))
+            methods.append(Method(name, "chain", drafters[name], dict((chain_options or {}).get(name, {}))))
         elif name.endswith("_tree") and name[: -len("_tree")] in drafters:
             methods.append(Method(name, "tree", drafters[name[: -len("_tree")]], dict(tree_options or {})))
         else:

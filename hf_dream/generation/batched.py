@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .engine import speculative_generate
+from .options import resolve_options
 from .validation import check_custom_masks, check_dream_call
 
 
@@ -48,6 +49,9 @@ def batched_generate(
     drafter=None,
     batched_streamer=None,
     tokenizer=None,
+    decoding_options=None,
+    num_draft_tokens=None,
+    draft_schedule=None,
     **model_kwargs,
 ):
     """DREAM chain decoding for a batch of prompts, for `generate(custom_generate=...)`.
@@ -65,6 +69,9 @@ def batched_generate(
             gets the prompt, then `(batch,)` columns like plain generate, then `end()`.
         tokenizer: only read by transformers, to build the `stop_strings` criterion (`import hf_dream`
             keeps it for this loop, which transformers would otherwise drop).
+        decoding_options (`DreamDecodingOptions`, *optional*): this call's options instead of
+            `drafter.decoding_options`; `num_draft_tokens` and `draft_schedule` override single fields
+            (see [`DreamDecodingOptions`]).
 
     Returns:
         The sequences `(batch, prompt + new)` exactly as plain generate lays them out (the padded
@@ -74,8 +81,9 @@ def batched_generate(
         more than one, since rows leave the target cache as they finish). Statistics are in
         `drafter.last_stats` (see [`DecodingStats`]).
     """
+    options = resolve_options(drafter, decoding_options, num_draft_tokens=num_draft_tokens, draft_schedule=draft_schedule)
     _validate(model, input_ids, generation_config, drafter)
     return speculative_generate(
         model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
-        streamer=batched_streamer if batched_streamer is not None else streamer,
+        streamer=batched_streamer if batched_streamer is not None else streamer, options=options,
     )

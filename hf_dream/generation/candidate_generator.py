@@ -29,7 +29,9 @@ from .validation import check_dream_inputs
 
 
 class DreamCandidateGenerator(CandidateGenerator):
-    """Drafts `num_draft_tokens` tokens per round with a [`DreamDraftModel`].
+    """Drafts `num_draft_tokens` tokens per round with a [`DreamDraftModel`] (`options`: this call's
+    [`DreamDecodingOptions`], default: `drafter.decoding_options`; `generate()` keywords reach it
+    through the hook).
 
     Lossless by construction: greedy drafts are compared with the target's argmax by the
     generate loop; sampled drafts are drawn from the drafter's distribution *after* the same
@@ -39,12 +41,13 @@ class DreamCandidateGenerator(CandidateGenerator):
 
     requires_model_outputs = True
 
-    def __init__(self, target, drafter, input_ids, generation_config, logits_processor, stopping_criteria=None, model_kwargs=None):
+    def __init__(self, target, drafter, input_ids, generation_config, logits_processor, stopping_criteria=None, model_kwargs=None,
+                 options=None):
         if input_ids.shape[0] != 1:
             raise ValueError(f"DREAM decoding supports batch size 1 for now, got {input_ids.shape[0]}.")
         check_dream_inputs(input_ids, model_kwargs or {})
         self.drafter = drafter
-        self.state = DrafterState(target, drafter, 1, input_ids.device, track_rows=False)
+        self.state = DrafterState(target, drafter, 1, input_ids.device, track_rows=False, options=options)
         self.logits_processor = logits_processor
         self.do_sample = bool(generation_config.do_sample)
         self.generation_config = generation_config  # this call's copy: its max_length ends a round at a stop

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
 from .cost_model import DraftLengthChooser
 from .kv_cache import RaggedCache
+from .options import DreamDecodingOptions, drafter_options
 
 
 @dataclass
@@ -26,15 +27,15 @@ class ChainDraft:
 
 
 class DraftSchedule:
-    """Tokens to draft per row and round: `draft_schedule="constant"`, `"heuristic"` (transformers'
-    assistant schedule, per row) or `"auto"` (the cost model of `cost_model`; batch 1 only, since
-    it models one row's verification cost: batches draft `num_draft_tokens`)."""
+    """Tokens to draft per row and round, from this call's [`DreamDecodingOptions`]:
+    `draft_schedule="constant"`, `"heuristic"` (transformers' assistant schedule, per row) or `"auto"`
+    (the cost model of `cost_model`; batch 1 only, since it models one row's verification cost:
+    batches draft `num_draft_tokens`)."""
 
-    def __init__(self, target, drafter, batch_size: int, device):
-        config = drafter.config
-        self.lengths = torch.full((batch_size,), config.num_draft_tokens, dtype=torch.long, device=device)
-        self.heuristic = config.draft_schedule == "heuristic"
-        auto = config.draft_schedule == "auto" and batch_size == 1
+    def __init__(self, target, drafter, batch_size: int, device, options: DreamDecodingOptions):
+        self.lengths = torch.full((batch_size,), options.num_draft_tokens, dtype=torch.long, device=device)
+        self.heuristic = options.draft_schedule == "heuristic"
+        auto = options.draft_schedule == "auto" and batch_size == 1
         self.chooser = DraftLengthChooser(target, drafter) if auto else None
 
     def next_lengths(self, state: DrafterState) -> torch.LongTensor:
@@ -66,18 +67,20 @@ class DrafterState:
     compression at prefill.
 
     With `track_rows`, `drafter.batch_rows` lists the input batch row of every row of the drafter's
-    current forward (for row-keyed test drafters).
+    current forward (for row-keyed test drafters). `options`: this call's [`DreamDecodingOptions`]
+    (default: the drafter's own, `drafter.decoding_options`).
     """
 
-    def __init__(self, target, drafter, batch_size: int, device, track_rows: bool = True):
+    def __init__(self, target, drafter, batch_size: int, device, track_rows: bool = True, options: DreamDecodingOptions | None = None):
         self.drafter = drafter
+        self.options = drafter_options(drafter) if options is None else options
         self.adapter = drafter.attach_target(target)
         self.rows = list(range(batch_size))
         self.track_rows = track_rows
         self.cache = RaggedCache(DynamicCache(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
         self.memory = drafter.new_memory()
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.schedule = DraftSchedule(target, drafter, batch_size, device)
+        self.schedule = DraftSchedule(target, drafter, batch_size, device, self.options)
         self.speculative_columns = 0  # drafter cache columns of unverified drafts, dropped at catch-up
         self.visual_tokens = [0] * batch_size
         self.visual_tokens_kept = [0] * batch_size

@@ -410,7 +410,7 @@ def _prefill(model, input_ids, model_kwargs, hidden_layers):
 
 @torch.no_grad()
 def speculative_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
-                         tree: TreeSize | None = None, streamer=None, batched_stats: bool = True):
+                         tree: TreeSize | None = None, streamer=None, batched_stats: bool = True, options=None):
     """DREAM decoding of a batch of prompts (chains, or trees of the [`TreeSize`] `tree`, whose
     `total_tokens` may be `"auto"`), lossless per row, for the `custom_generate` entry points
     [`tree_generate`] and [`batched_generate`].
@@ -419,7 +419,8 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     finished early padded with `pad_token_id`), or a `GenerateDecoderOnlyOutput` with
     `return_dict_in_generate=True` (`scores` / `logits` when asked, steps after a row finished
     holding a point mass on the pad id; the cache for a batch of one). Statistics are in
-    `drafter.last_stats` ([`DecodingStats`]; `batched_stats`: with the batch keys).
+    `drafter.last_stats` ([`DecodingStats`]; `batched_stats`: with the batch keys). `options`: this
+    call's [`DreamDecodingOptions`] (draft length and schedule of chains; default: the drafter's).
     """
     from .tree import TreeDrafter
 
@@ -446,7 +447,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     if position_ids is not None:
         offsets = position_ids[:, -1].to(device) + 1 - prompt_mask.sum(dim=1)
     rows = [_Row(prompt) for prompt in input_ids.cpu()]
-    state = DrafterState(model, drafter, batch, device)
+    state = DrafterState(model, drafter, batch, device, options=options)
     try:  # whatever happens, nothing of this call stays registered on the target
         stats = DecodingStats.new(batch, batched=batched_stats, tree=tree is not None)
         last_layer = state.adapter.num_hidden_layers

@@ -10,7 +10,10 @@ up to the first token at which one fires) and to close the generator however the
 hook stays on the target after a failed prefill); the per-call record lives in a context
 variable, so concurrent calls in other threads never see it. `_extract_generation_mode_kwargs`
 is wrapped to keep `tokenizer` (needed for `stop_strings`) for our `custom_generate` loops,
-whose own arguments replace the standard ones there. These methods are private, which is why
+whose own arguments replace the standard ones there. The `generate` wrapper also takes this call's DREAM decoding
+options out of its keywords (`num_draft_tokens=3`, `tree_depth=4`, `decoding_options=...`; see
+[`DreamDecodingOptions`]), so that transformers never mistakes them for model inputs, and refuses
+a keyword that looks like a mistyped one. These methods are private, which is why
 `pyproject.toml` pins the transformers release line that CI tests.
 
 transformers' assisted loop handles one sequence only: for a batch of more than one prompt the
@@ -28,6 +31,7 @@ from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 
 from .candidate_generator import DreamCandidateGenerator
+from .options import DreamDecodingOptions, pop_call_options
 from .validation import check_dream_call
 
 _ORIGINALS: dict[str, object] = {}
@@ -35,6 +39,9 @@ _ORIGINALS: dict[str, object] = {}
 # The assisted call (`_assisted_decoding` with a DREAM drafter) running in this context: its
 # stopping criteria and, once created, its candidate generator.
 _ASSISTED_CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hf_dream_assisted_call", default=None)
+# The decoding options of the `generate(..., assistant_model=drafter, num_draft_tokens=...)` call
+# running in this context, resolved (and popped from its keywords) by the `generate` wrapper.
+_CALL_OPTIONS: contextvars.ContextVar[DreamDecodingOptions | None] = contextvars.ContextVar("hf_dream_call_options", default=None)
 
 
 def _is_dream_drafter(model) -> bool:
@@ -72,6 +79,7 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
         generator = DreamCandidateGenerator(
             self, assistant_model, input_ids, generation_config, logits_processor,
             stopping_criteria=None if call is None else call["stopping_criteria"], model_kwargs=model_kwargs,
+            options=_CALL_OPTIONS.get(),
         )
         if call is not None:
             call["generator"] = generator
@@ -126,7 +134,15 @@ def _generate(original):
         from .tree import tree_generate
 
         drafter = kwargs.get("assistant_model")
-        if _is_dream_drafter(drafter):
+        custom = kwargs.get("custom_generate") in (tree_generate, batched_generate)
+        if custom and _is_dream_drafter(kwargs.get("drafter")):
+            drafter = kwargs["drafter"]
+        if not _is_dream_drafter(drafter):
+            return _plain_or_custom(original, self, args, kwargs)
+        # this call's decoding options (keywords such as num_draft_tokens=3 are not model inputs): a
+        # mistyped one is an error here, before any work
+        options = pop_call_options(drafter, kwargs)
+        if not custom:
             inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
             if inputs is not None and inputs.shape[0] > 1:
                 # transformers' assisted loop raises for batches: run our batched loop instead
@@ -134,15 +150,29 @@ def _generate(original):
                 kwargs.pop("assistant_model")
                 kwargs["custom_generate"] = batched_generate
                 kwargs["drafter"] = drafter
-        # transformers does not hand `streamer` to a custom_generate callable
-        streamer_names = {tree_generate: "tree_streamer", batched_generate: "batched_streamer"}
-        name = streamer_names.get(kwargs.get("custom_generate"))
-        if name is not None and kwargs.get("streamer") is not None:
-            kwargs[name] = kwargs.pop("streamer")
-        return original(self, *args, **kwargs)
+        if kwargs.get("custom_generate") in (tree_generate, batched_generate):
+            kwargs["decoding_options"] = options
+            return _plain_or_custom(original, self, args, kwargs)
+        token = _CALL_OPTIONS.set(options)  # the assisted path: read by `_get_candidate_generator`
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _CALL_OPTIONS.reset(token)
 
     generate.__hf_dream_wrapped__ = True
     return generate
+
+
+def _plain_or_custom(original, self, args, kwargs):
+    from .batched import batched_generate
+    from .tree import tree_generate
+
+    # transformers does not hand `streamer` to a custom_generate callable
+    streamer_names = {tree_generate: "tree_streamer", batched_generate: "batched_streamer"}
+    name = streamer_names.get(kwargs.get("custom_generate"))
+    if name is not None and kwargs.get("streamer") is not None:
+        kwargs[name] = kwargs.pop("streamer")
+    return original(self, *args, **kwargs)
 
 
 def install() -> None:

@@ -32,11 +32,8 @@ from .cost_model import TreeSize
 from .drafter_state import DrafterState
 from .engine import DraftTree, Verification, process_rows, speculative_generate, verify
 from .kv_cache import RaggedCache, compact_cache  # noqa: F401  (compact_cache: re-exported, public since the first tree release)
+from .options import resolve_options
 from .validation import check_custom_masks, check_dream_call
-
-DEFAULT_TREE_TOP_K = 4
-DEFAULT_TREE_DEPTH = 5
-DEFAULT_TREE_TOTAL_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,13 +242,8 @@ class TreeDrafter:
 # ---------------------------------------------------------------------------------------------
 # generate()
 # ---------------------------------------------------------------------------------------------
-def _validate(model, generation_config, drafter, top_k, depth, total) -> None:
+def _validate(model, generation_config, drafter) -> None:
     check_dream_call(model, drafter, generation_config, usage="`target.generate(..., custom_generate=tree_generate, drafter=drafter)`")
-    if total == "auto":
-        total = 1
-    for name, value in (("tree_top_k", top_k), ("tree_depth", depth), ("tree_total_tokens", total)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {value}.")
     check_custom_masks(model, "Tree verification passes a custom 4-D attention mask")
 
 
@@ -264,11 +256,12 @@ def tree_generate(
     synced_gpus: bool = False,
     streamer=None,
     drafter=None,
-    tree_top_k: int = DEFAULT_TREE_TOP_K,
-    tree_depth: int = DEFAULT_TREE_DEPTH,
-    tree_total_tokens: int = DEFAULT_TREE_TOTAL_TOKENS,
+    tree_top_k: int | None = None,
+    tree_depth: int | None = None,
+    tree_total_tokens: int | str | None = None,
     tree_streamer=None,
     tokenizer=None,
+    decoding_options=None,
     **model_kwargs,
 ):
     """DREAM decoding with EAGLE-2-style dynamic trees, for `generate(custom_generate=...)`.
@@ -280,15 +273,19 @@ def tree_generate(
 
     Args:
         drafter (`DreamDraftModel`): the drafter (transformers drops `assistant_model` on this path).
-        tree_top_k (`int`): children expanded per node, and frontier nodes expanded per level.
-        tree_depth (`int`): longest drafted path (tokens after the last one).
-        tree_total_tokens (`int` or `"auto"`): drafted nodes verified per target pass (the root comes
+        tree_top_k (`int`, *optional*): children expanded per node, and frontier nodes expanded per level.
+        tree_depth (`int`, *optional*): longest drafted path (tokens after the last one).
+        tree_total_tokens (`int` or `"auto"`, *optional*): drafted nodes verified per target pass (the root comes
             on top). `"auto"` times target passes over 1..64 new tokens and a drafter step on this
             machine once (cached) and picks the size, depth and top-k with the best expected
             tokens per second (see `hf_dream.generation.cost_model`), then picks again every few
             passes from the acceptance observed so far (remembered for the next call with the same
             target and drafter); the choices are in
             `drafter.last_stats["tree_size"]` (`history`: each size and the slope that chose it).
+            Unset tree options come from `decoding_options`, else from `drafter.decoding_options`
+            (library defaults: 4, 5 and 16; see [`DreamDecodingOptions`]).
+        decoding_options (`DreamDecodingOptions`, *optional*): this call's options instead of the
+            drafter's; the `tree_*` arguments override single fields.
         tree_streamer: where the streamer arrives: transformers 5.24 does not pass `streamer` to a
             `custom_generate` callable, so `import hf_dream` makes `generate(streamer=...)` forward
             it here (it gets the prompt, every accepted token and `end()`).
@@ -302,11 +299,13 @@ def tree_generate(
         `side_branch_tokens`: accepted tokens that were not their parent's top draft; with the
         batch keys of [`batched_generate`] for a batch of more than one).
     """
-    _validate(model, generation_config, drafter, tree_top_k, tree_depth, tree_total_tokens)
-    settings = TreeSize(tree_top_k, tree_depth, tree_total_tokens)
+    _validate(model, generation_config, drafter)
+    options = resolve_options(drafter, decoding_options, tree_top_k=tree_top_k, tree_depth=tree_depth, tree_total_tokens=tree_total_tokens)
+    settings = TreeSize(options.tree_top_k, options.tree_depth, options.tree_total_tokens)
     return speculative_generate(
         model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
         tree=settings, streamer=tree_streamer if tree_streamer is not None else streamer, batched_stats=input_ids.shape[0] > 1,
+        options=options,
     )
 
 

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..configuration_dream import DreamConfig
+from ..generation.options import options_from_config
 from ..targets import get_target_adapter
 from .estimates import planned_recipe, training_estimate
 from .remote_code import exported_code_files
@@ -111,11 +112,13 @@ def _architecture(config: DreamConfig, parameters: int) -> dict:
         "visual_keep_ratio": keep,
         "keep_text": keep_text,
         "entropy_layers": _layer_ranges(config.entropy_candidate_layers),
+        # the drafter's default decoding options (per-call generation settings, not config fields)
+        **{key: value for key, value in options_from_config(config).to_dict().items() if key in ("num_draft_tokens", "draft_schedule")},
         **{
             key: getattr(config, key)
             for key in (
                 "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "num_draft_tokens", "draft_schedule", "vocab_size", "target_model_type", "target_num_hidden_layers",
+                "vocab_size", "target_model_type", "target_num_hidden_layers",
                 "target_image_token_id",
             )
         },

@@ -75,7 +75,10 @@ def test_draft_schedule_per_drafter(setup, monkeypatch):
     run_one = bench.run_one
 
     def spy(target, method, *args, **kwargs):
-        schedules[method.name] = None if method.drafter is None else method.drafter.config.draft_schedule
+        if method.drafter is not None:  # the schedule goes to generate() per call; the drafter's default otherwise
+            schedules[method.name] = method.options.get("draft_schedule", method.drafter.decoding_options.draft_schedule)
+        else:
+            schedules[method.name] = None
         return run_one(target, method, *args, **kwargs)
 
     monkeypatch.setattr(bench, "run_one", spy)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cached_target
+from conftest import build_drafter, cached_target
 from test_contract import assert_rows_match, check_row_stats, mode_oracle, new_tokens_alone, ragged_rows
 
 from hf_dream import DreamDraftModel
@@ -61,7 +61,7 @@ def test_batched_drafter_computes_what_it_computes_alone(family, fusion):
     target = cached_target(family)
     rows = ragged_rows(target)
     torch.manual_seed(0)
-    drafter = RecordingDraftModel(DreamDraftModel.config_for_target(target, fusion=fusion, num_draft_tokens=3))
+    drafter = build_drafter(RecordingDraftModel, target, fusion=fusion, num_draft_tokens=3)
     drafter.attach_target(target)
     if drafter.cross_block is not None:
         with torch.no_grad():  # an untrained block is the identity: open it so the memory matters

@@ -44,7 +44,7 @@ def test_oracle_drafter_greedy_equality_and_stats(target, inputs):
     prompt_length = inputs["input_ids"].shape[1]
     stats = drafter.last_stats
     check_stats(stats, prompt_length, output)
-    rounds = expected_rounds(prompt_length, reference.shape[1], drafter.config.num_draft_tokens)
+    rounds = expected_rounds(prompt_length, reference.shape[1], drafter.decoding_options.num_draft_tokens)
     assert stats["drafted_per_pass"] == [drafted for drafted, _ in rounds]
     assert stats["accepted_per_pass"] == [0] + [accepted for _, accepted in rounds]
     # the corruption pattern gives rejected, partially and fully accepted rounds
@@ -71,7 +71,7 @@ def test_eos_inside_a_draft(target, inputs):
     assert torch.equal(output, plain)
     stats = drafter.last_stats
     check_stats(stats, prompt_length, output)
-    rounds = expected_rounds(prompt_length, plain.shape[1], drafter.config.num_draft_tokens, eos_position=plain.shape[1] - 1)
+    rounds = expected_rounds(prompt_length, plain.shape[1], drafter.decoding_options.num_draft_tokens, eos_position=plain.shape[1] - 1)
     assert stats["accepted_per_pass"] == [0] + [accepted for _, accepted in rounds]
 
 

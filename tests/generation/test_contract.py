@@ -17,7 +17,7 @@ import random
 
 import pytest
 import torch
-from conftest import cached_target, check_stats
+from conftest import build_drafter, cached_target, check_stats
 
 from hf_dream import DreamDraftModel
 from hf_dream.generation import engine
@@ -107,7 +107,7 @@ class ModeOracleDraftModel(DreamDraftModel):
 
 
 def mode_oracle(target, sequences: dict[int, torch.Tensor], row: int = 0, **overrides) -> ModeOracleDraftModel:
-    drafter = ModeOracleDraftModel(DreamDraftModel.config_for_target(target, **overrides))
+    drafter = build_drafter(ModeOracleDraftModel, target, **overrides)
     drafter.attach_target(target)
     drafter.oracles, drafter.row = sequences, row
     return drafter

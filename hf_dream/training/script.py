@@ -36,7 +36,7 @@ class DreamScriptArguments:
     )
     fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM) or 'concat' (EAGLE-style)."})
     visual_keep_ratio: float = field(default=0.75, metadata={"help": "Fresh drafter: fraction of visual tokens it sees."})
-    num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round."})
+    num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round in its default decoding options while this run uses it (not saved with the drafter: pass `num_draft_tokens=` per generate() call)."})
     draft_vocab_size: int | None = field(
         default=None,
         metadata={"help": "Fresh drafter: draft only the N most frequent response tokens of --dataset (EAGLE-3 style); 0 or unset: the full vocabulary."},

@@ -38,7 +38,8 @@ def test_defaults_are_the_documented_ones():
 @pytest.mark.parametrize(
     "field, value",
     [("num_draft_tokens", 0), ("num_draft_tokens", "5"), ("num_draft_tokens", True), ("draft_schedule", "fast"),
-     ("tree_top_k", 0), ("tree_depth", 2.0), ("tree_total_tokens", "big")],
+     ("tree_top_k", 0), ("tree_top_k", "4"), ("tree_depth", 2.0), ("tree_depth", "5"), ("tree_total_tokens", "big"),
+     ("tree_total_tokens", "16")],  # string-typed numbers (issue 15) are named, not compared later
 )
 def test_bad_values_name_the_option(field, value):
     with pytest.raises(ValueError, match=f"`{field}` must be"):

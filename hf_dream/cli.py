@@ -182,6 +182,68 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
+# --- serving ------------------------------------------------------------------------------
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    from .configuration_dream import DRAFT_SCHEDULES
+
+    parser.add_argument("--target", help="target spec: folder or Hub id, 'reference:<name>' (tiny targets have no processor)")
+    parser.add_argument("--drafter", metavar="DIR", help="DREAM drafter folder or Hub id trained for this target "
+                        "(default for a reference target: its shipped drafter)")
+    parser.add_argument("--model-name", help="the name clients put in `model` (default: the --target spec)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
+    parser.add_argument("--target-dtype", help="load the target in this dtype, e.g. bfloat16")
+    parser.add_argument("--device", help="put the target and drafter on this device, e.g. cuda:0 (default: where the target loads)")
+    parser.add_argument("--tree", action="store_true", help="draft trees (tree_generate) instead of chains")
+    parser.add_argument("--num-draft-tokens", type=int, help="chain: tokens drafted per round (default: the drafter's)")
+    parser.add_argument("--draft-schedule", choices=DRAFT_SCHEDULES, help="chain: draft-length schedule (default: the drafter's)")
+    parser.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning; a line per request is always logged)")
+
+
+def serve_drafter_source(args: argparse.Namespace) -> str | Path:
+    """`--drafter`, or the shipped drafter of a reference `--target`; checked before anything loads."""
+    from .loading import resolve_target_spec
+    from .modeling_dream import check_drafter_source
+    from .reference import reference_drafter_dir
+
+    kind, value = resolve_target_spec(args.target)
+    if kind == "tiny":
+        raise SystemExit("hf-dream serve: tiny targets have no tokenizer or chat template to serve; use a reference target or a model folder")
+    if args.drafter:
+        check_drafter_source(args.drafter)
+        return args.drafter
+    if kind != "reference":
+        raise SystemExit("hf-dream serve: missing --drafter (only reference targets have a default drafter)")
+    return reference_drafter_dir(value)
+
+
+@command("serve", _configure_serve)
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve a target with its DREAM drafter behind transformers' OpenAI-compatible server (/v1/chat/completions).
+
+    Every chat completion is decoded with the drafter (lossless: greedy answers are the target's own); the
+    response's `dream_stats` (and the last streamed chunk's) holds the request's acceptance statistics, which
+    are also logged, one line per request. Needs `pip install "hf-dream[serve]"`."""
+    from .serving import DraftingSettings, build_dream_app, check_serving_installed, serve
+
+    _require(args, "target")
+    _check_positive(args, "num_draft_tokens", "port")
+    check_serving_installed()
+    source = serve_drafter_source(args)
+    from . import DreamDraftModel
+    from .loading import load_target
+
+    drafter = DreamDraftModel.from_pretrained(source)
+    target, processor = load_target(args.target, dtype=args.target_dtype, device=args.device)
+    drafter = drafter.to(device=target.device, dtype=target.dtype)
+    options = {k: v for k, v in {"num_draft_tokens": args.num_draft_tokens, "draft_schedule": args.draft_schedule}.items() if v is not None}
+    settings = DraftingSettings(tree=args.tree, decoding_options=options)
+    app = build_dream_app(target, processor, drafter, args.model_name or args.target, settings)
+    print(f"hf-dream serve: {args.model_name or args.target} with drafter {source} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # --- training -----------------------------------------------------------------------------
 def _configure_prepare_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target spec: folder or Hub id, 'reference:<name>' or 'tiny:<family>'")

@@ -255,19 +255,39 @@ def _configure_prepare_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=64, help="examples per saved shard: the unit of resumption (default: 64)")
     parser.add_argument("--limit", type=int, help="use only the first N source examples")
     parser.add_argument("--target-dtype", help="load the target in this dtype, e.g. bfloat16")
+    parser.add_argument(
+        "--server", metavar="URL",
+        help="regenerate through this OpenAI-compatible chat endpoint (vLLM, SGLang, TGI, transformers serve, hf-dream serve), "
+        "e.g. http://127.0.0.1:8000/v1, instead of loading the target's weights here: --target then gives the tokenizer, "
+        "processor and chat template (the responses come back as text and are tokenized with it)",
+    )
+    parser.add_argument("--model", help="with --server: the served model's name (default: the only one the server lists)")
+    parser.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight (default: 8)")
+    parser.add_argument("--max-retries", type=int, default=5, help="with --server: retries of a request on a transient error, "
+                        "with exponential backoff from 1 s (default: 5)")
 
 
 @command("prepare-data", _configure_prepare_data)
 def run_prepare_data(args: argparse.Namespace) -> int:
-    """Regenerate responses with the target (greedy) and save a training-ready dataset."""
-    from .loading import load_target, make_encoder, read_prompts, resolve_target_spec
+    """Regenerate responses with the target (greedy) and save a training-ready dataset.
+
+    Runs under `torchrun --nproc_per_node N -m hf_dream prepare-data ...` or `accelerate launch -m hf_dream
+    prepare-data ...` too: the ranks regenerate disjoint shards (each on its own GPU when there are GPUs)."""
+    from .loading import load_target, load_target_for_server, make_chat_messages, make_encoder, read_prompts, resolve_target_spec
     from .training import prepare_dataset
+    from .training.script import leave_process_group
 
     _require(args, "target", "output")
     if bool(args.prompts) == bool(args.hf_dataset):
         raise SystemExit("hf-dream prepare-data: give exactly one of --prompts or --hf-dataset")
-    _check_positive(args, "limit", "max_new_tokens", "batch_size", "shard_size")
+    _check_positive(args, "limit", "max_new_tokens", "batch_size", "shard_size", "concurrency")
+    if args.max_retries < 0:
+        raise SystemExit(f"hf-dream prepare-data: --max-retries must not be negative, got {args.max_retries}")
+    if args.model and not args.server:
+        raise SystemExit("hf-dream prepare-data: --model names the served model: it needs --server")
     kind, _ = resolve_target_spec(args.target)  # a bad spec fails here, before anything is read or loaded
+    if args.server and kind == "tiny":
+        raise SystemExit("hf-dream prepare-data: --server needs a target with a tokenizer and chat template; tiny targets have none")
     if args.prompts:
         # tiny targets draw their inputs from a seed and never open the images
         source, base_dir = read_prompts(args.prompts, check_images=kind != "tiny"), Path(args.prompts).parent
@@ -277,15 +297,38 @@ def run_prepare_data(args: argparse.Namespace) -> int:
         source, base_dir = load_from_disk(args.hf_dataset), None
     if args.limit is not None:
         source = [source[i] for i in range(min(args.limit, len(source)))]
-    target, processor = load_target(args.target, dtype=args.target_dtype)
+    server = None
+    if args.server:
+        from .training.remote import ChatServerClient, ServerRegeneration, ServerSettings
+
+        client = ChatServerClient(ServerSettings(url=args.server, model=args.model, concurrency=args.concurrency, max_retries=args.max_retries))
+        client.model  # noqa: B018  (an unreachable server or an ambiguous model fails here, before the target loads)
+        target, processor = load_target_for_server(args.target)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else target.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        server = ServerRegeneration(client, make_chat_messages(base_dir), tokenizer, eos)
+    else:
+        target, processor = load_target(args.target, dtype=args.target_dtype, device=_rank_device())
     dataset = prepare_dataset(
         target, source, make_encoder(target, processor, base_dir), args.output,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-        target_spec=args.target,
+        target_spec=args.target, server=server, show_progress=int(os.environ.get("RANK", "0")) == 0,
     )
-    lengths = [len(row) - start for row, start in zip(dataset["input_ids"], dataset["prompt_length"])]
-    print(f"{len(dataset)} examples -> {Path(args.output) / 'dataset'} (mean response {sum(lengths) / len(lengths):.1f} tokens)")
+    leave_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        lengths = [len(row) - start for row, start in zip(dataset["input_ids"], dataset["prompt_length"])]
+        print(f"{len(dataset)} examples -> {Path(args.output) / 'dataset'} (mean response {sum(lengths) / len(lengths):.1f} tokens)")
     return 0
+
+
+def _rank_device() -> str | None:
+    """This rank's GPU under a distributed launcher (`LOCAL_RANK`), None otherwise (where the target loads)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return None
 
 
 def _configure_calibrate(parser: argparse.ArgumentParser) -> None:

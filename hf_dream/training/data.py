@@ -16,17 +16,23 @@ reading back `(layers x tokens x hidden)` floats for small targets, and exact fo
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .remote import ServerRegeneration
 
 # Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,16 +130,20 @@ def regenerate_batch(model, encoded: list[dict], max_new_tokens: int, pad_token_
         response = output[index, width:].tolist()
         # finished rows are padded after their EOS: cut there
         cut = next((i for i, token in enumerate(response) if token in eos), None)
-        response = response if cut is None else response[: cut + 1]
-        prompt = sample["input_ids"].reshape(-1).tolist()
-        # numpy arrays keep the processor's dtype (float32) in the Arrow schema; lists would become float64
-        row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
-        row["input_ids"] = prompt + response
-        row["prompt_length"] = len(prompt)
-        if "token_type_ids" in sample:
-            row["token_type_ids"] = sample["token_type_ids"].reshape(-1).tolist() + [0] * len(response)
-        rows.append(row)
+        rows.append(response_row(sample, response if cut is None else response[: cut + 1]))
     return rows
+
+
+def response_row(sample: dict, response: list[int]) -> dict:
+    """A prepared row: the encoded prompt `sample` (batch dimension 1) followed by the `response` token ids."""
+    prompt = sample["input_ids"].reshape(-1).tolist()
+    # numpy arrays keep the processor's dtype (float32) in the Arrow schema; lists would become float64
+    row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
+    row["input_ids"] = prompt + list(response)
+    row["prompt_length"] = len(prompt)
+    if "token_type_ids" in sample:
+        row["token_type_ids"] = sample["token_type_ids"].reshape(-1).tolist() + [0] * len(response)
+    return row
 
 
 def prepare_dataset(
@@ -148,6 +158,7 @@ def prepare_dataset(
     pad_token_id: int | None = None,
     show_progress: bool = True,
     target_spec: str | None = None,
+    server: ServerRegeneration | None = None,
     **generate_kwargs,
 ) -> Dataset:
     """Regenerate the responses of `source` with `model` and save a training-ready dataset.
@@ -162,6 +173,15 @@ def prepare_dataset(
     (model type, build, dtype, a fingerprint of its weights; `target_spec` is recorded to name it): resuming
     with another target, edited prompts or other settings is refused before any generation, naming the
     difference, so that one dataset never mixes two runs.
+
+    `server` ([`ServerRegeneration`]): the responses come from an OpenAI-compatible chat endpoint instead of
+    `model.generate()` (greedy, up to `ServerSettings.concurrency` requests in flight, a shard at a time), and are
+    tokenized with the target's tokenizer; `model` then only provides the target's identity (it may be a
+    weightless skeleton) and settings.json records the served model's name (compared on resume) and the URL.
+
+    Under `torchrun` / `accelerate launch` (`WORLD_SIZE` > 1) rank `r` regenerates the missing shards `i` with
+    `i % WORLD_SIZE == r`: ranks never share a shard, the shards (and the final dataset, written by rank 0 once
+    every shard exists) are the single-process run's, and a rerun resumes with any number of ranks.
     """
     output_dir = Path(output_dir)
     shard_dir = output_dir / "shards"
@@ -173,42 +193,87 @@ def prepare_dataset(
         pad_token_id = model.generation_config.pad_token_id
         if pad_token_id is None:
             pad_token_id = min(_eos_ids(model) or {0})
+    if server is not None and (do_sample or generate_kwargs):
+        raise ValueError("Regeneration through a server is greedy and takes no generate() options.")
     settings = {
         "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_examples": len(examples), "shard_size": shard_size,
-        "batch_size": batch_size, "pad_token_id": int(pad_token_id),
+        "batch_size": None if server is not None else batch_size, "pad_token_id": int(pad_token_id),
         "generate_kwargs": json.loads(json.dumps(generate_kwargs, sort_keys=True, default=repr)),
         "source_sha256": source_digest(examples),
-        "target": target_identity(model),
+        "target": target_identity(model, with_weights=server is None),
     }
-    _check_settings(output_dir, settings, target_spec)
+    if server is not None:
+        settings["server"] = server.record()
+    where = None if server is None else {"server_url": server.client.settings.api_base}
+    _check_settings(output_dir, settings, target_spec, recorded_only=where)
 
+    ranks = DataRanks.from_environment()
     num_shards = (len(examples) + shard_size - 1) // shard_size
-    done = sum(1 for i in range(num_shards) if (shard_dir / f"{i:05d}").exists())
-    progress = tqdm(total=len(examples), initial=min(done * shard_size, len(examples)), desc="regenerating", disable=not show_progress)
-    for shard in range(num_shards):
-        path = shard_dir / f"{shard:05d}"
-        if path.exists():
-            continue
-        shard_examples = examples[shard * shard_size : (shard + 1) * shard_size]
+    mine = [shard for shard in range(num_shards) if shard % ranks.world_size == ranks.rank and not (shard_dir / f"{shard:05d}").exists()]
+    total = sum(len(examples[shard * shard_size : (shard + 1) * shard_size]) for shard in mine)
+    progress = tqdm(total=total, desc=f"regenerating{ranks.label}", disable=not show_progress)
+    for shard in mine:
+        first = shard * shard_size
+        shard_examples = examples[first : first + shard_size]
         rows = []
-        for start in range(0, len(shard_examples), batch_size):
-            chunk = shard_examples[start : start + batch_size]
+        step = len(shard_examples) if server is not None else batch_size
+        for start in range(0, len(shard_examples), step):
+            chunk = shard_examples[start : start + step]
             encoded = [encode(example) for example in chunk]
-            for row, offset in zip(regenerate_batch(model, encoded, max_new_tokens, pad_token_id, do_sample=do_sample, **generate_kwargs), range(len(chunk))):
-                row["source_index"] = shard * shard_size + start + offset
+            if server is not None:
+                chunk_rows = [response_row(sample, ids) for sample, ids in zip(encoded, server.response_ids(chunk, max_new_tokens))]
+            else:
+                chunk_rows = regenerate_batch(model, encoded, max_new_tokens, pad_token_id, do_sample=do_sample, **generate_kwargs)
+            for offset, row in enumerate(chunk_rows):
+                row["source_index"] = first + start + offset
                 rows.append(row)
             progress.update(len(chunk))
         tmp = shard_dir / f".{shard:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _quiet_save(Dataset.from_list(rows), tmp)
-        tmp.rename(path)  # atomic: a shard is either complete or absent
+        tmp.rename(shard_dir / f"{shard:05d}")  # atomic: a shard is either complete or absent
     progress.close()
 
-    dataset = concatenate_datasets([load_from_disk(str(shard_dir / f"{i:05d}")) for i in range(num_shards)])
     final = output_dir / "dataset"
-    shutil.rmtree(final, ignore_errors=True)
-    _quiet_save(dataset, final)
+    ranks.wait()  # every rank's shards are written
+    if ranks.rank == 0:
+        dataset = concatenate_datasets([load_from_disk(str(shard_dir / f"{i:05d}")) for i in range(num_shards)])
+        shutil.rmtree(final, ignore_errors=True)
+        _quiet_save(dataset, final)
+    ranks.wait()  # the final dataset is written
     return load_from_disk(str(final))
+
+
+@dataclass
+class DataRanks:
+    """This process's place among the processes of a `torchrun` / `accelerate launch` run (one process: 0 of 1).
+
+    With several processes, `wait()` is a barrier of the `torch.distributed` group (gloo, created here with a
+    day-long timeout unless the launcher's script made one: regenerating a shard may take long)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> DataRanks:
+        import torch.distributed as dist
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    @property
+    def label(self) -> str:
+        return "" if self.world_size == 1 else f" (rank {self.rank}/{self.world_size})"
+
+    def wait(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 def _quiet_save(dataset: Dataset, path: Path) -> None:
@@ -258,27 +323,29 @@ def _feed(digest, value) -> None:
     digest.update(b";")
 
 
-def target_identity(model) -> dict:
+def target_identity(model, with_weights: bool = True) -> dict:
     """What identifies the model that regenerated a dataset: its family, build, size, dtype and a fingerprint of
     its weights (a few thousand values of its first, middle and last tensors: cheap, and different for two seeds
-    or two checkpoints of one architecture)."""
+    or two checkpoints of one architecture). `with_weights=False` (regeneration through a server, whose weights
+    are not the local ones; `model` may be a skeleton on the meta device): family, build and size only."""
     from ..targets import get_target_adapter
 
     adapter = get_target_adapter(model)
+    identity = {
+        "model_type": model.config.model_type,
+        "build": adapter.build_id,
+        "num_hidden_layers": adapter.num_hidden_layers,
+        "vocab_size": adapter.vocab_size,
+    }
+    if not with_weights:
+        return identity
     params = [p for _, p in model.named_parameters()]
     digest = hashlib.sha256()
     for param in (params[0], params[len(params) // 2], params[-1]) if params else ():
         sample = param.detach().reshape(-1)[:4096].float().cpu().contiguous()
         digest.update(str(tuple(param.shape)).encode())
         digest.update(sample.numpy().tobytes())
-    return {
-        "model_type": model.config.model_type,
-        "build": adapter.build_id,
-        "num_hidden_layers": adapter.num_hidden_layers,
-        "vocab_size": adapter.vocab_size,
-        "dtype": str(next(iter(params)).dtype) if params else None,
-        "weights_fingerprint": digest.hexdigest()[:16],
-    }
+    return {**identity, "dtype": str(next(iter(params)).dtype) if params else None, "weights_fingerprint": digest.hexdigest()[:16]}
 
 
 def recorded_settings(path: str | os.PathLike) -> dict | None:
@@ -309,15 +376,18 @@ def _describe_difference(key: str, before, now, previous: dict, target_spec: str
     return f"{key}: {before!r} before, {now!r} now"
 
 
-def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = None) -> None:
-    """Refuse to resume a run with different settings, source or target (it would mix two datasets)."""
+def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = None, recorded_only: dict | None = None) -> None:
+    """Refuse to resume a run with different settings, source or target (it would mix two datasets).
+    `recorded_only` is written to a new settings.json but never compared (where a server listens)."""
     path = output_dir / "settings.json"
     if path.exists():
         previous = json.loads(path.read_text())
+        # a key only the earlier run has counts too (e.g. `server`: resuming a server run locally)
+        keys = list(settings) + sorted(set(previous) - set(settings) - set(recorded_only or {}) - {"target_spec"})
         differences = [
             _describe_difference(key, previous.get(key), settings.get(key), previous, target_spec)
-            for key in settings
-            if previous.get(key) != settings[key]
+            for key in keys
+            if previous.get(key) != settings.get(key)
         ]
         if differences:
             raise ValueError(
@@ -327,5 +397,5 @@ def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = 
             )
     else:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**settings, "target_spec": target_spec}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({**settings, **(recorded_only or {}), "target_spec": target_spec}, indent=1, sort_keys=True))
         tmp.rename(path)

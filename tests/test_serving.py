@@ -198,3 +198,31 @@ def test_twenty_sequential_and_four_concurrent_requests_complete(server, referen
     with ThreadPoolExecutor(4) as pool:
         concurrent = list(pool.map(ask, range(4)))
     assert concurrent == sequential[:4]  # each request got its own answer (greedy: the same as sequentially)
+
+
+@pytest.mark.timeout(600)
+def test_prepare_data_through_the_server_gives_the_rows_of_local_regeneration(server, tmp_path):
+    """`prepare-data --server` (the responses come back as text and are tokenized with the target's tokenizer)
+    and local `prepare-data` make the same training rows at T=0, and the data records which server made them."""
+    import json
+
+    import easy_vqa
+    from datasets import load_from_disk
+
+    from hf_dream.cli import main
+    from hf_dream.training.data import recorded_settings
+
+    images = [easy_vqa.get_test_image_paths()[key] for key in sorted(easy_vqa.get_test_image_paths())[:3]]
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"image": images[0], "prompt": "What shape is in the image?"}, {"image": images[1], "prompt": "Describe this image."},
+             {"image": images[2], "prompt": "What color is the shape? Answer in a sentence."}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["prepare-data", "--target", MODEL, "--prompts", str(prompts), "--max-new-tokens", "24", "--shard-size", "2"]
+    assert main([*common, "--output", str(tmp_path / "local")]) == 0
+    assert main([*common, "--output", str(tmp_path / "remote"), "--server", f"{server[0]}/v1", "--concurrency", "2"]) == 0
+
+    local, remote = (load_from_disk(str(tmp_path / name / "dataset")) for name in ("local", "remote"))
+    assert remote["input_ids"] == local["input_ids"] and remote["prompt_length"] == local["prompt_length"]
+    assert remote["pixel_values"] == local["pixel_values"]
+    settings = recorded_settings(tmp_path / "remote")
+    assert settings["server"] == {"model": MODEL} and settings["server_url"] == f"{server[0]}/v1"

@@ -66,9 +66,11 @@ class RequestDecodingStats:
 
     @classmethod
     def from_last_stats(cls, stats: dict) -> RequestDecodingStats:
+        """The record of a `drafter.last_stats` read-out (chain or tree)."""
         return cls(**{field.name: stats[field.name] for field in dataclasses.fields(cls)})
 
     def as_dict(self) -> dict:
+        """The JSON form sent as `dream_stats`."""
         return dataclasses.asdict(self)
 
 
@@ -81,6 +83,7 @@ class DraftingSettings:
     decoding_options: dict = dataclasses.field(default_factory=dict)
 
     def generate_kwargs(self, drafter) -> dict:
+        """The `generate()` keywords that draft with `drafter`."""
         if self.tree:
             from .generation import tree_generate
 
@@ -96,11 +99,13 @@ class RequestStatsStore:
         self._lock = threading.Lock()
 
     def put(self, request_id: str, stats: RequestDecodingStats) -> None:
+        """Keep the statistics of request `request_id` (and log them, one line per request)."""
         with self._lock:
             self._stats[request_id] = stats
         logger.info("request %s: %s", request_id, json.dumps(stats.as_dict()))
 
     def pop(self, request_id: str) -> RequestDecodingStats | None:
+        """Take the statistics of request `request_id` out (None if it recorded none)."""
         with self._lock:
             return self._stats.pop(request_id, None)
 
@@ -113,9 +118,11 @@ class _StatsBeforeEnd:
         self._streamer, self._record = streamer, record
 
     def put(self, value) -> None:
+        """Forward new tokens."""
         self._streamer.put(value)
 
     def end(self) -> None:
+        """Record the statistics, then end the stream."""
         self._record()
         self._streamer.end()
 
@@ -136,6 +143,7 @@ class DraftingTarget:
             self._store.put(self._request_id, RequestDecodingStats.from_last_stats(self._drafter.last_stats))
 
     def generate(self, **kwargs):
+        """The target's `generate(**kwargs)`, drafting with the DREAM drafter."""
         self._drafter.last_stats = None
         # transformers' server passes the processor as `tokenizer`; stop strings need the tokenizer inside it
         if kwargs.get("tokenizer") is not None:

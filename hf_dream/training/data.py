@@ -256,6 +256,7 @@ class DataRanks:
 
     @classmethod
     def from_environment(cls) -> DataRanks:
+        """This process's ranks from the launcher's `WORLD_SIZE` (joining, or creating, the process group)."""
         import torch.distributed as dist
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -267,9 +268,11 @@ class DataRanks:
 
     @property
     def label(self) -> str:
+        """' (rank r/N)' for progress bars, '' for one process."""
         return "" if self.world_size == 1 else f" (rank {self.rank}/{self.world_size})"
 
     def wait(self) -> None:
+        """Wait until every rank gets here (a no-op for one process)."""
         if self.world_size > 1:
             import torch.distributed as dist
 

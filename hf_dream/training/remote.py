@@ -94,6 +94,7 @@ class ChatServerClient:
         return self._model
 
     def complete(self, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> ServerResponse:
+        """One chat completion of `messages` (retried on transient errors)."""
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         answer = self._request("POST", "/chat/completions", json=body)
         try:
@@ -134,6 +135,7 @@ class ChatServerClient:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Close the connection pool."""
         self._http.close()
 
 

@@ -313,7 +313,7 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     dataset = prepare_dataset(
         target, source, make_encoder(target, processor, base_dir), args.output,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-        target_spec=args.target, server=server, show_progress=int(os.environ.get("RANK", "0")) == 0,
+        target_spec=args.target, server=server,
     )
     leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:

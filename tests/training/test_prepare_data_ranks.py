@@ -28,7 +28,9 @@ def prepare_command(prompts: Path, output: Path) -> list[str]:
 def torchrun(prompts: Path, output: Path) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    result = subprocess.run([*launcher, "-m", "hf_dream", *prepare_command(prompts, output)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*launcher, "-m", "hf_dream", *prepare_command(prompts, output)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -42,13 +44,17 @@ def rows(folder: Path) -> list[tuple]:
 @pytest.mark.timeout(900)
 def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_also_after_an_interruption(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"image": f"img{i}.png", "prompt": f"Describe picture {i}."}) + "\n" for i in range(NUM_PROMPTS)))
+    prompts.write_text(
+        "".join(json.dumps({"image": f"img{i}.png", "prompt": f"Describe picture {i}."}) + "\n" for i in range(NUM_PROMPTS))
+    )
     assert main(prepare_command(prompts, tmp_path / "single")) == 0
     single = rows(tmp_path / "single")
     assert [index for index, *_ in single] == list(range(NUM_PROMPTS))
 
     result = torchrun(prompts, tmp_path / "ranks")
-    assert "regenerating (rank 1/2)" in result.stderr  # both ranks worked, each on its own shards
+    # each rank regenerated its own shards: rank 0 shards 0, 2, 4 (6 examples), rank 1 shards 1, 3 (4 examples)
+    assert "regenerating (rank 0/2): 100%|██████████| 6/6" in result.stderr
+    assert "regenerating (rank 1/2): 100%|██████████| 4/4" in result.stderr
     assert rows(tmp_path / "ranks") == single
     assert result.stdout.count(f"{NUM_PROMPTS} examples") == 1  # rank 0 reports
 
@@ -58,6 +64,7 @@ def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_als
         shutil.rmtree(shards / shard)
     (shards / ".00004.tmp").mkdir()
     shutil.rmtree(tmp_path / "ranks" / "dataset")
-    torchrun(prompts, tmp_path / "ranks")
+    resumed = torchrun(prompts, tmp_path / "ranks")
+    assert "(rank 0/2): 100%|██████████| 2/2" in resumed.stderr and "(rank 1/2): 100%|██████████| 2/2" in resumed.stderr
     assert rows(tmp_path / "ranks") == single  # no duplicated or missing example
     assert sorted(path.name for path in shards.iterdir()) == [f"{i:05d}" for i in range(NUM_PROMPTS // SHARD_SIZE)]

@@ -205,9 +205,10 @@ def prepare_dataset(
     if server is not None:
         settings["server"] = server.record()
     where = None if server is None else {"server_url": server.client.settings.api_base}
-    _check_settings(output_dir, settings, target_spec, recorded_only=where)
-
     ranks = DataRanks.from_environment()
+    # every rank compares (they all refuse a mismatch alike); only rank 0 writes a new settings.json
+    _check_settings(output_dir, settings, target_spec, recorded_only=where, write=ranks.rank == 0)
+
     num_shards = (len(examples) + shard_size - 1) // shard_size
     mine = [shard for shard in range(num_shards) if shard % ranks.world_size == ranks.rank and not (shard_dir / f"{shard:05d}").exists()]
     total = sum(len(examples[shard * shard_size : (shard + 1) * shard_size]) for shard in mine)
@@ -368,6 +369,11 @@ _LABELS = {
 
 
 def _describe_difference(key: str, before, now, previous: dict, target_spec: str | None) -> str:
+    if key == "server":
+        def how(record):
+            return f"through the server's model {record['model']!r}" if record else "locally"
+
+        return f"the folder was regenerated {how(before)}, this run regenerates {how(now)}"
     if before is None:
         return f"{key}: not recorded by the earlier run (made by an older hf-dream), now {now!r}"
     if key == "target":
@@ -379,9 +385,12 @@ def _describe_difference(key: str, before, now, previous: dict, target_spec: str
     return f"{key}: {before!r} before, {now!r} now"
 
 
-def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = None, recorded_only: dict | None = None) -> None:
+def _check_settings(
+    output_dir: Path, settings: dict, target_spec: str | None = None, recorded_only: dict | None = None, write: bool = True
+) -> None:
     """Refuse to resume a run with different settings, source or target (it would mix two datasets).
-    `recorded_only` is written to a new settings.json but never compared (where a server listens)."""
+    `recorded_only` is written to a new settings.json but never compared (where a server listens); `write=False`
+    only compares."""
     path = output_dir / "settings.json"
     if path.exists():
         previous = json.loads(path.read_text())
@@ -398,7 +407,7 @@ def _check_settings(output_dir: Path, settings: dict, target_spec: str | None = 
                 + "; ".join(differences)
                 + ". Rerun with the earlier settings, use another --output folder, or delete this one."
             )
-    else:
+    elif write:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**settings, **(recorded_only or {}), "target_spec": target_spec}, indent=1, sort_keys=True))
         tmp.rename(path)

@@ -170,9 +170,12 @@ def test_server_regeneration_rows_resume_by_shard_and_record_the_server(tmp_path
     assert settings["server"] == {"model": "served"} and settings["server_url"] == "http://fake:8000/v1"
     assert "weights_fingerprint" not in settings["target"]  # the weights that answered are the server's
     shutil.rmtree(folder / "shards" / "00002")
-    with pytest.raises(ValueError, match="server: {'model': 'served'} before, {'model': 'other'} now"):
+    with pytest.raises(
+        ValueError,
+        match="regenerated through the server's model 'served', this run regenerates through the server's model 'other'",
+    ):
         run(target, folder, regeneration(FakeServer(models=["other"], answer=answer_by_prompt), tokenizer))
-    with pytest.raises(ValueError, match="server: {'model': 'served'} before, None now"):
+    with pytest.raises(ValueError, match="regenerated through the server's model 'served', this run regenerates locally"):
         run(target, folder, None)  # resuming a server run with local generation would mix two runs
     # another URL for the same model (the server moved) resumes
     moved = regeneration(FakeServer(answer=answer_by_prompt), tokenizer, url="http://elsewhere:9000/v1")

@@ -226,3 +226,35 @@ def test_prepare_data_through_the_server_gives_the_rows_of_local_regeneration(se
     assert remote["pixel_values"] == local["pixel_values"]
     settings = recorded_settings(tmp_path / "remote")
     assert settings["server"] == {"model": MODEL} and settings["server_url"] == f"{server[0]}/v1"
+
+
+@pytest.mark.timeout(300)
+def test_tree_drafting_serves_the_plain_answer_in_process(reference):
+    """`--tree`: the same app in this process (FastAPI's TestClient), tree drafting, streaming and not."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from hf_dream import DreamDraftModel
+    from hf_dream.reference import build_prompt_inputs, reference_drafter_dir
+    from hf_dream.serving import DraftingSettings, build_dream_app
+
+    target, processor = reference[:2]
+    drafter = DreamDraftModel.from_pretrained(reference_drafter_dir(MODEL))
+    app = build_dream_app(
+        target, processor, drafter, MODEL, DraftingSettings(tree=True, decoding_options={"tree_total_tokens": 8})
+    )
+    prompt = "Write a sentence about the sea."
+    inputs = build_prompt_inputs(processor, None, prompt)
+    plain = target.generate(**inputs, max_new_tokens=16, do_sample=False)
+    expected = processor.decode(plain[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0}
+    with TestClient(app) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+        assert answer["choices"][0]["message"]["content"] == expected
+        assert answer["dream_stats"]["new_tokens"] == 16 and answer["dream_stats"]["drafted_tokens"] > 0
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            chunks = [json.loads(line.removeprefix("data: ")) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == expected
+    assert chunks[-1]["dream_stats"] == answer["dream_stats"]

@@ -1,4 +1,4 @@
-"""`hf-dream prepare-data` under `torchrun --nproc_per_node 2` (two CPU processes over gloo): the ranks regenerate
+"""`hf-dream prepare-data` under `torchrun` and `accelerate launch` (two CPU processes over gloo): the ranks regenerate
 disjoint shards, the union is the single-process output, and an interrupted run resumes without a duplicated or
 missing example."""
 
@@ -25,8 +25,20 @@ def prepare_command(prompts: Path, output: Path) -> list[str]:
             "--max-new-tokens", "6", "--batch-size", "2", "--shard-size", str(SHARD_SIZE)]  # fmt: skip
 
 
-def torchrun(prompts: Path, output: Path) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+def launch(launcher: str, prompts: Path, output: Path) -> subprocess.CompletedProcess:
+    if launcher == "torchrun":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    else:  # CPU-only: `--multi_gpu` selects accelerate's torchrun-based launcher
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            free_port(),
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
     result = subprocess.run(
         [*launcher, "-m", "hf_dream", *prepare_command(prompts, output)], env=env, capture_output=True, text=True, timeout=600
@@ -42,7 +54,8 @@ def rows(folder: Path) -> list[tuple]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_also_after_an_interruption(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_also_after_an_interruption(tmp_path, launcher):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"image": f"img{i}.png", "prompt": f"Describe picture {i}."}) + "\n" for i in range(NUM_PROMPTS))
@@ -51,7 +64,7 @@ def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_als
     single = rows(tmp_path / "single")
     assert [index for index, *_ in single] == list(range(NUM_PROMPTS))
 
-    result = torchrun(prompts, tmp_path / "ranks")
+    result = launch(launcher, prompts, tmp_path / "ranks")
     # each rank regenerated its own shards: rank 0 shards 0, 2, 4 (6 examples), rank 1 shards 1, 3 (4 examples)
     assert "regenerating (rank 0/2): 100%|██████████| 6/6" in result.stderr
     assert "regenerating (rank 1/2): 100%|██████████| 4/4" in result.stderr
@@ -64,7 +77,7 @@ def test_ranks_take_disjoint_shards_whose_union_is_the_single_process_output_als
         shutil.rmtree(shards / shard)
     (shards / ".00004.tmp").mkdir()
     shutil.rmtree(tmp_path / "ranks" / "dataset")
-    resumed = torchrun(prompts, tmp_path / "ranks")
+    resumed = launch(launcher, prompts, tmp_path / "ranks")
     assert "(rank 0/2): 100%|██████████| 2/2" in resumed.stderr and "(rank 1/2): 100%|██████████| 2/2" in resumed.stderr
     assert rows(tmp_path / "ranks") == single  # no duplicated or missing example
     assert sorted(path.name for path in shards.iterdir()) == [f"{i:05d}" for i in range(NUM_PROMPTS // SHARD_SIZE)]

@@ -322,13 +322,23 @@ def build_dream_app(target, processor, drafter, model_name: str, settings: Draft
 
 
 def _answer_errors_with_messages(app) -> None:
-    """An error inside generate() is a 500 whose body says what went wrong (not a bare 'Internal Server Error')."""
+    """Errors in OpenAI's shape, `{"error": {"message": ...}}`, which OpenAI clients show (FastAPI's `{"detail": ...}`
+    they do not); an error inside generate() is a 500 whose message says what went wrong."""
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def error_response(status: int, message: str) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, error: HTTPException):
+        return error_response(error.status_code, str(error.detail))
 
     @app.exception_handler(Exception)
     async def _internal_error(_request, error: Exception):
         logger.error("request failed: %s: %s", type(error).__name__, error)
-        return JSONResponse({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error"}}, status_code=500)
+        return error_response(500, f"{type(error).__name__}: {error}")
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:

@@ -158,8 +158,9 @@ def test_stop_strings_and_sampling(server, reference, client):
 
 
 @pytest.mark.timeout(300)
-def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, reference):
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, reference, client):
     import httpx
+    import openai
 
     url = f"{server[0]}/v1/chat/completions"
     good = {"model": MODEL, "messages": messages(reference[3], "What animal is this?"), "max_tokens": 4, "temperature": 0}
@@ -179,6 +180,10 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
         answer = httpx.post(url, json=body, timeout=120)
         assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
         assert message in answer.text, (name, answer.text)
+    # in OpenAI's error shape, so that the openai client shows the message
+    assert httpx.post(url, json={**good, "n": 2}, timeout=120).json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="no such image file on the server"):
+        client.chat.completions.create(model=MODEL, messages=messages("missing.png"), max_tokens=4)
     assert httpx.get(f"{server[0]}/health", timeout=10).json() == {"status": "ok"}
     assert httpx.post(url, json=good, timeout=120).status_code == 200
 

@@ -224,11 +224,10 @@ def run_serve(args: argparse.Namespace) -> int:
     Every chat completion is decoded with the drafter (lossless: greedy answers are the target's own); the
     response's `dream_stats` (and the last streamed chunk's) holds the request's acceptance statistics, which
     are also logged, one line per request. Needs `pip install "hf-dream[serve]"`."""
-    from .serving import DraftingSettings, build_dream_app, check_serving_installed, serve
-
     _require(args, "target")
     _check_positive(args, "num_draft_tokens", "port")
-    check_serving_installed()
+    from .serving import DraftingSettings, build_dream_app, serve  # without the [serve] extra: an ImportError naming it
+
     source = serve_drafter_source(args)
     from . import DreamDraftModel
     from .loading import load_target

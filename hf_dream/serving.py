@@ -27,21 +27,16 @@ import os
 import threading
 from dataclasses import dataclass
 
-from transformers.cli.serving.chat_completion import ChatCompletionHandler
-from transformers.cli.serving.model_manager import ModelManager, TimedModel
-from transformers.cli.serving.utils import GenerateManager, GenerationState
+from transformers.utils.import_utils import is_serve_available
+
+if not is_serve_available():  # transformers' serving modules do not import without them
+    raise ImportError('hf-dream serve needs FastAPI, uvicorn and openai: pip install "hf-dream[serve]"')
+
+from transformers.cli.serving.chat_completion import ChatCompletionHandler  # noqa: E402
+from transformers.cli.serving.model_manager import ModelManager, TimedModel  # noqa: E402
+from transformers.cli.serving.utils import GenerateManager, GenerationState  # noqa: E402
 
 logger = logging.getLogger("hf_dream.serving")
-
-SERVE_INSTALL = 'pip install "hf-dream[serve]"'
-
-
-def check_serving_installed() -> None:
-    """Refuse to start without the server's packages (fastapi, uvicorn, openai), naming the install command."""
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
-        raise ImportError(f"hf-dream serve needs FastAPI, uvicorn and openai: {SERVE_INSTALL}")
 
 
 # OpenAI request fields a DREAM server refuses instead of ignoring (transformers' server only warns about them).

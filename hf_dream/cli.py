@@ -145,6 +145,11 @@ def _demo_inputs(args: argparse.Namespace):
     return target, drafter, inputs, lambda ids: processor.decode(ids, skip_special_tokens=True), description
 
 
+def _chain_options_from(args: argparse.Namespace) -> dict:
+    """The chain decoding options given as `--num-draft-tokens` / `--draft-schedule` (unset ones: the drafter's)."""
+    return {k: v for k, v in {"num_draft_tokens": args.num_draft_tokens, "draft_schedule": args.draft_schedule}.items() if v is not None}
+
+
 @command("demo", _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     """Generate with and without a DREAM drafter on the offline reference VLM (or a tiny one) and compare."""
@@ -157,7 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # would otherwise be charged to whichever method runs first
     target.generate(**inputs, max_new_tokens=2, do_sample=False)
     # DREAM decoding options are per-call generate() keywords; unset ones stay the drafter's defaults
-    options = {k: v for k, v in {"num_draft_tokens": args.num_draft_tokens, "draft_schedule": args.draft_schedule}.items() if v is not None}
+    options = _chain_options_from(args)
     for name, extra in (("plain", {}), ("dream", {"assistant_model": drafter, **options})):
         start = time.perf_counter()
         outputs[name] = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)
@@ -235,7 +240,7 @@ def run_serve(args: argparse.Namespace) -> int:
     drafter = DreamDraftModel.from_pretrained(source)
     target, processor = load_target(args.target, dtype=args.target_dtype, device=args.device)
     drafter = drafter.to(device=target.device, dtype=target.dtype)
-    options = {k: v for k, v in {"num_draft_tokens": args.num_draft_tokens, "draft_schedule": args.draft_schedule}.items() if v is not None}
+    options = _chain_options_from(args)
     settings = DraftingSettings(tree=args.tree, decoding_options=options)
     app = build_dream_app(target, processor, drafter, args.model_name or args.target, settings)
     print(f"hf-dream serve: {args.model_name or args.target} with drafter {source} on http://{args.host}:{args.port}/v1", flush=True)

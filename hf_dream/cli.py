@@ -305,7 +305,11 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     if args.server:
         from .training.remote import ChatServerClient, ServerRegeneration, ServerSettings
 
-        client = ChatServerClient(ServerSettings(url=args.server, model=args.model, concurrency=args.concurrency, max_retries=args.max_retries))
+        settings = ServerSettings(
+            url=args.server, model=args.model, concurrency=args.concurrency, max_retries=args.max_retries,
+            api_key=os.environ.get("OPENAI_API_KEY"),  # a server started with an API key (vllm serve --api-key ...)
+        )
+        client = ChatServerClient(settings)
         client.model  # noqa: B018  (an unreachable server or an ambiguous model fails here, before the target loads)
         target, processor = load_target_for_server(args.target)
         tokenizer = getattr(processor, "tokenizer", processor)

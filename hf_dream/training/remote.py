@@ -72,7 +72,10 @@ class ChatServerClient:
     transport (tests pass `httpx.MockTransport`); `sleep` waits between attempts."""
 
     def __init__(self, settings: ServerSettings, transport=None, sleep: Callable[[float], None] = time.sleep):
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise ImportError('Regeneration through a server needs httpx: pip install "hf-dream[serve]"') from None
 
         self.settings, self._sleep = settings, sleep
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}

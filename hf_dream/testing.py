@@ -15,9 +15,10 @@ Public API
     A fast tokenizer for the model's ids: id ``i`` is one character (``a-z A-Z 0-9``,
     then Greek and Cyrillic letters), so ``stop_strings`` can be matched on the
     tiny models' output.
-``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1)``
+``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1, image_first=False)``
     Returns kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``. Rows
-    are ``[bos] text_before <image block>*num_images text_after``; with
+    are ``[bos] text_before <image block>*num_images text_after`` (``image_first``:
+    ``<image block>*num_images text_after``, the image block first); with
     ``batch_size > 1`` row ``r`` gets ``r`` extra text tokens before and after
     the images and the batch is LEFT padded with the pad id.
 
@@ -751,25 +752,30 @@ def make_tiny_inputs(
     text_len_before: int = 5,
     text_len_after: int = 7,
     batch_size: int = 1,
+    image_first: bool = False,
 ) -> dict:
     """Random, deterministic inputs for a model from :func:`build_tiny_target`.
 
     Every row is ``[bos] text_before (image block)*num_images text_after``; row
     ``r`` has ``r`` extra text tokens both before and after the images, and rows
-    are LEFT padded with the pad id (attention_mask 0 on padding).
+    are LEFT padded with the pad id (attention_mask 0 on padding). With
+    ``image_first`` a row starts with its first image block (no bos, no text
+    before: ``text_len_before`` must be 0).
     """
     spec = _spec_of(model)
     if num_images < 0 or batch_size < 1 or text_len_before < 0 or text_len_after < 0:
         raise ValueError("num_images/text lengths must be >= 0 and batch_size >= 1")
+    if image_first and (num_images < 1 or text_len_before):
+        raise ValueError("image_first needs num_images >= 1 and text_len_before=0")
     gen = torch.Generator().manual_seed(seed)
     lo, hi = spec.text_token_range
 
     rows: list[list[int]] = []
     per_row_pixels: list[dict[str, torch.Tensor]] = []
     for r in range(batch_size):
-        before = torch.randint(lo, hi, (text_len_before + r,), generator=gen).tolist()
+        before = [] if image_first else torch.randint(lo, hi, (text_len_before + r,), generator=gen).tolist()
         after = torch.randint(lo, hi, (text_len_after + r,), generator=gen).tolist()
-        ids = [spec.bos_token_id] + before
+        ids = [] if image_first else [spec.bos_token_id] + before
         if num_images:
             blocks, extra = _image_blocks_and_pixels(model, spec, num_images, gen)
             for b in blocks:

@@ -6,7 +6,7 @@ weights (deterministic for a given ``seed``), in ``eval()`` mode and float32.
 Public API
 ----------
 ``SUPPORTED_TINY_FAMILIES``
-    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3")``
+    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4")``
 ``build_tiny_target(family, seed=0, vocab_size=None, attn_implementation="sdpa")``
     Returns a ``transformers.PreTrainedModel`` (a ``*ForConditionalGeneration``).
     The model carries a :class:`TinyVLMSpec` as ``model.tiny_spec`` describing its
@@ -41,7 +41,25 @@ pixtral     11     1      2      image=10, image_break=12, image_end=13 (as real
 idefics3    0      1      2      image=V-1, fake_token_around_image=V-2, global_img=V-3,
                                  end_of_utterance=V-4 (eos stays 2)
 gemma3      0      2(*)   1(*)   image=V (OOV!), boi=V-2, eoi=V-1      (*) as real Gemma3
+mistral3    11     1      2      as pixtral (image=10, image_break=12, image_end=13)
+llava_ov    0      1      2      image=V-1, video=V-2 (llava_onevision)
+internvl    0      1      2      image (<IMG_CONTEXT>)=V-1, <img>=V-2, </img>=V-3
+gemma4      0      2      1      image=V-1, video=V-2, audio=V-3, boi=V-4, eoi=V-5, boa=V-6, eoa=V-7
+                                 (inside the vocab; the model swaps them for pad before embedding)
 ==========  =====  =====  =====  ======================================================
+
+The four later families (mistral3, llava_onevision, internvl, gemma4) keep their
+family's paths: ``m.model.language_model.layers``, ``m.lm_head``,
+``m.config.image_token_id``. mistral3 images are ``rows x ([IMG]*cols +
+[IMG_BREAK])`` (last one ``[IMG_END]``) with one token per
+``patch * spatial_merge_size`` pixels, given with ``image_sizes``;
+llava_onevision tiles like llava_next (``image_sizes``, 5-D ``pixel_values``);
+internvl images are ``<img> <IMG_CONTEXT>*16 </img>``; gemma4 images are
+``<boi> <image>*4 <eoi>`` from pre-patchified ``pixel_values`` ``[n_images,
+patches, 3 * patch**2]`` plus ``image_position_ids`` ``[n_images, patches, 2]``,
+and ``mm_token_type_ids`` (1 on image tokens) turns on bidirectional attention
+inside image blocks, as gemma3's ``token_type_ids``. gemma4's lm_head is tied:
+only the image/video/audio rows are zeroed (the model never embeds those ids).
 
 Attribute paths in transformers 5.24 (``m`` = the returned model)
 -----------------------------------------------------------------

@@ -34,10 +34,15 @@ NEW_TOKENS = 30
 
 
 # --- cases and runs ------------------------------------------------------------------------------
+def starting_with_the_image(image_first: bool) -> dict:
+    """`make_tiny_inputs` options of a prompt whose very first token belongs to its image (none: text first)."""
+    return dict(image_first=True, text_len_before=0) if image_first else {}
+
+
 def ragged_rows(target, image_first: bool = False) -> list[dict]:
     """Three prompts of different text lengths; the second holds two images. `image_first`: the
     first two start with their image (right after the left padding), the third with text."""
-    first = dict(image_first=True, text_len_before=0) if image_first else {}
+    first = starting_with_the_image(image_first)
     return [
         make_tiny_inputs(target, seed=1, **first),
         make_tiny_inputs(target, seed=2, num_images=2, **(first or dict(text_len_before=2))),
@@ -51,7 +56,7 @@ def case(mode: str, target, image_first: bool = False) -> tuple[dict, list[dict]
     if mode in BATCH_MODES:
         rows = ragged_rows(target, image_first)
     else:
-        rows = [make_tiny_inputs(target, seed=1, **(dict(image_first=True, text_len_before=0) if image_first else {}))]
+        rows = [make_tiny_inputs(target, seed=1, **starting_with_the_image(image_first))]
     return (stack_tiny_inputs(target, rows) if len(rows) > 1 else rows[0]), rows
 
 
@@ -756,7 +761,7 @@ def sampling_case(mode, target, draft_vocab_size=None, image_first=False):
     the image), sampling kwargs, the exact marginals per prompt and the mode's drafter: a random
     drafter with its cross-attention open for chains (sampled drafts), an oracle proposing the
     mode first or second for trees."""
-    first = dict(image_first=True, text_len_before=0) if image_first else {}
+    first = starting_with_the_image(image_first)
     prompts = [make_tiny_inputs(target, seed=6, **first)]
     if mode in BATCH_MODES:
         pair = make_tiny_inputs(target, seed=6, batch_size=2, **first)

@@ -327,13 +327,14 @@ class DreamDraftModel(DreamPreTrainedModel):
         rope = getattr(text, "rope_parameters", None) or {}
         if "full_attention" in rope:  # Gemma3 keeps one rope dict per attention type
             rope = rope["full_attention"]
+        attention = adapter.attention_shape
         values = dict(
             vocab_size=adapter.vocab_size,
             hidden_size=adapter.hidden_size,
             intermediate_size=text.intermediate_size,
-            num_attention_heads=text.num_attention_heads,
-            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            num_attention_heads=attention.num_attention_heads,
+            num_key_value_heads=attention.num_key_value_heads,
+            head_dim=attention.head_dim,
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
             rope_theta=float(rope.get("rope_theta", 10000.0)),

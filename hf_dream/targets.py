@@ -7,6 +7,7 @@ hf-dream talks to targets through an adapter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -46,6 +47,15 @@ def get_target_adapter(model: nn.Module) -> TargetAdapter:
     )
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head counts and size of a target's text attention, which a fresh drafter copies."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+
 class TargetAdapter:
     """What hf-dream needs from a target VLM, independent of its family.
 
@@ -83,6 +93,16 @@ class TargetAdapter:
     @property
     def vocab_size(self) -> int:
         return self.text_config.vocab_size
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """The text model's attention heads (a family whose layers differ names the layers it means)."""
+        text = self.text_config
+        return AttentionShape(
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        )
 
     @property
     def input_embeddings(self) -> nn.Module:
@@ -138,12 +158,19 @@ class TargetAdapter:
             self._rows_key = key
         return self._rows
 
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids whose positions the target fills with vision features (the image id;
+        families with video add theirs)."""
+        return () if self.image_token_id is None else (self.image_token_id,)
+
     def image_token_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
-        """True at positions holding image features (the placeholders the target replaces)."""
-        image_token_id = self.image_token_id
-        if image_token_id is None:
+        """True at positions holding vision features (the placeholders of `visual_token_ids`,
+        which the target replaces): the tokens visual-token compression ranks."""
+        ids = self.visual_token_ids
+        if not ids:
             return torch.zeros_like(input_ids, dtype=torch.bool)
-        return input_ids == image_token_id
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     def describe(self) -> dict:
         """The facts a drafter records about its target (checked again at generate time)."""
@@ -204,3 +231,85 @@ class Gemma3Adapter(TargetAdapter):
 
     family = "gemma3"
     model_types = ("gemma3",)
+
+
+class _VideoPlaceholderMixin:
+    """Families whose prompts may also hold video placeholders (`config.video_token_id`): their
+    positions carry vision features too, so compression ranks them with the image tokens."""
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        video = getattr(self.config, "video_token_id", None)
+        return super().visual_token_ids + (() if video is None else (int(video),))
+
+
+@register_target_adapter
+class Mistral3Adapter(TargetAdapter):
+    """Mistral 3 (Mistral-Small-3.1 / 3.2): Pixtral vision tower, a patch merger (2x2 patches per
+    token), Mistral text. As for Pixtral, [IMG_BREAK] / [IMG_END] are ordinary text tokens."""
+
+    family = "mistral3"
+    model_types = ("mistral3",)
+
+
+@register_target_adapter
+class LlavaOnevisionAdapter(_VideoPlaceholderMixin, TargetAdapter):
+    """LLaVA-OneVision: SigLIP + anyres tiling (`anyres_max_9`) + image_newline, Qwen2 text;
+    video frames are pooled into their own placeholders (`video_token_id`)."""
+
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+
+@register_target_adapter
+class InternVLAdapter(TargetAdapter):
+    """InternVL 3 (the `-hf` checkpoints, `InternVLForConditionalGeneration`): InternViT + pixel
+    shuffle + MLP, Qwen2 text; `<img>` / `</img>` around each image's placeholders are text tokens."""
+
+    family = "internvl"
+    model_types = ("internvl",)
+
+
+@register_target_adapter
+class Gemma4Adapter(_VideoPlaceholderMixin, TargetAdapter):
+    """Gemma 4: embeddings scaled inside the embedding module, per-layer embeddings (PLE, which the
+    target computes from `input_ids` in every pass: the drafter needs none), sliding and full
+    layers (the full ones with their own head size and keys reused as values), final-logit
+    softcapping (applied by `logits`), bidirectional attention inside image blocks from
+    `mm_token_type_ids` (a prefill-only input, as Gemma3's `token_type_ids`).
+
+    Not supported: KV-shared layers (`num_kv_shared_layers > 0`) and fully bidirectional
+    configs, refused here before any work (see `unsupported_reason`)."""
+
+    family = "gemma4"
+    model_types = ("gemma4",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        reason = self.unsupported_reason(self.text_config)
+        if reason:
+            raise ValueError(f"hf-dream cannot decode this Gemma 4 target: {reason}")
+
+    @staticmethod
+    def unsupported_reason(text_config) -> str | None:
+        """Why a Gemma 4 text config cannot be a DREAM target, or None."""
+        shared = getattr(text_config, "num_kv_shared_layers", 0) or 0
+        if shared:
+            return (
+                f"num_kv_shared_layers={shared}: its last {shared} layers reuse the keys and values of earlier layers "
+                "and keep no cache of their own (DummyLayer entries in the DynamicCache), which the verification "
+                "engine cannot compact after a rejection, and the last layer has no key projection from which "
+                "visual-token importance is recomputed."
+            )
+        if getattr(text_config, "use_bidirectional_attention", None) == "all":
+            return "use_bidirectional_attention='all': every token attends to later ones, so it is no autoregressive decoder."
+        return None
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """The sliding (local) layers' heads: most of Gemma 4's layers, and the ordinary head size
+        (the few full layers have larger heads and fewer KV heads, read per layer)."""
+        text = self.text_config
+        index = text.layer_types.index("sliding_attention") if "sliding_attention" in text.layer_types else 0
+        layer = text.per_layer_config[index]
+        return AttentionShape(text.num_attention_heads, layer.num_key_value_heads, layer.head_dim)

@@ -6,7 +6,7 @@ weights (deterministic for a given ``seed``), in ``eval()`` mode and float32.
 Public API
 ----------
 ``SUPPORTED_TINY_FAMILIES``
-    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3")``
+    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4")``
 ``build_tiny_target(family, seed=0, vocab_size=None, attn_implementation="sdpa")``
     Returns a ``transformers.PreTrainedModel`` (a ``*ForConditionalGeneration``).
     The model carries a :class:`TinyVLMSpec` as ``model.tiny_spec`` describing its
@@ -15,9 +15,10 @@ Public API
     A fast tokenizer for the model's ids: id ``i`` is one character (``a-z A-Z 0-9``,
     then Greek and Cyrillic letters), so ``stop_strings`` can be matched on the
     tiny models' output.
-``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1)``
+``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1, image_first=False)``
     Returns kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``. Rows
-    are ``[bos] text_before <image block>*num_images text_after``; with
+    are ``[bos] text_before <image block>*num_images text_after`` (``image_first``:
+    ``<image block>*num_images text_after``, the image block first); with
     ``batch_size > 1`` row ``r`` gets ``r`` extra text tokens before and after
     the images and the batch is LEFT padded with the pad id.
 
@@ -40,7 +41,25 @@ pixtral     11     1      2      image=10, image_break=12, image_end=13 (as real
 idefics3    0      1      2      image=V-1, fake_token_around_image=V-2, global_img=V-3,
                                  end_of_utterance=V-4 (eos stays 2)
 gemma3      0      2(*)   1(*)   image=V (OOV!), boi=V-2, eoi=V-1      (*) as real Gemma3
+mistral3    11     1      2      as pixtral (image=10, image_break=12, image_end=13)
+llava_ov    0      1      2      image=V-1, video=V-2 (llava_onevision)
+internvl    0      1      2      image (<IMG_CONTEXT>)=V-1, <img>=V-2, </img>=V-3
+gemma4      0      2      1      image=V-1, video=V-2, audio=V-3, boi=V-4, eoi=V-5, boa=V-6, eoa=V-7
+                                 (inside the vocab; the model swaps them for pad before embedding)
 ==========  =====  =====  =====  ======================================================
+
+The four later families (mistral3, llava_onevision, internvl, gemma4) keep their
+family's paths: ``m.model.language_model.layers``, ``m.lm_head``,
+``m.config.image_token_id``. mistral3 images are ``rows x ([IMG]*cols +
+[IMG_BREAK])`` (last one ``[IMG_END]``) with one token per
+``patch * spatial_merge_size`` pixels, given with ``image_sizes``;
+llava_onevision tiles like llava_next (``image_sizes``, 5-D ``pixel_values``);
+internvl images are ``<img> <IMG_CONTEXT>*16 </img>``; gemma4 images are
+``<boi> <image>*4 <eoi>`` from pre-patchified ``pixel_values`` ``[n_images,
+patches, 3 * patch**2]`` plus ``image_position_ids`` ``[n_images, patches, 2]``,
+and ``mm_token_type_ids`` (1 on image tokens) turns on bidirectional attention
+inside image blocks, as gemma3's ``token_type_ids``. gemma4's lm_head is tied:
+only the image/video/audio rows are zeroed (the model never embeds those ids).
 
 Attribute paths in transformers 5.24 (``m`` = the returned model)
 -----------------------------------------------------------------
@@ -171,16 +190,28 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     PixtralVisionConfig,
+    Qwen2Config,
     SiglipVisionConfig,
 )
 
@@ -196,7 +227,9 @@ __all__ = [
     "build_tiny_tokenizer",
 ]
 
-SUPPORTED_TINY_FAMILIES = ("llava", "llava_next", "pixtral", "idefics3", "gemma3")
+SUPPORTED_TINY_FAMILIES = (
+    "llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4",
+)
 
 DEFAULT_VOCAB_SIZE = 256
 _MIN_VOCAB_SIZE = 32
@@ -243,11 +276,15 @@ class TinyVLMSpec:
     fake_image_token_id: int | None = None  # idefics3 <fake_token_around_image>
     global_image_token_id: int | None = None  # idefics3 <global-img>
     end_of_utterance_token_id: int | None = None  # idefics3 <end_of_utterance> (unused in inputs)
-    boi_token_id: int | None = None  # gemma3
-    eoi_token_id: int | None = None  # gemma3
+    boi_token_id: int | None = None  # gemma3, gemma4
+    eoi_token_id: int | None = None  # gemma3, gemma4
+    start_image_token_id: int | None = None  # internvl <img>
+    end_image_token_id: int | None = None  # internvl </img>
+    video_token_id: int | None = None  # llava_onevision, gemma4 (never in the inputs built here)
+    spatial_merge_size: int = 1  # mistral3: patches merged per side into one token
     tokens_per_image: int | None = None  # fixed count where the family has one
-    pixtral_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image
-    llava_next_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image
+    pixtral_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image (pixtral, mistral3)
+    llava_next_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image (llava_next, llava_onevision)
 
 
 # --------------------------------------------------------------------------- #
@@ -421,12 +458,143 @@ def _build_gemma3(V: int) -> tuple[type, Any, TinyVLMSpec]:
     return Gemma3ForConditionalGeneration, config, spec
 
 
+def _build_mistral3(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # Mistral 3 (Mistral-Small-3.1): Pixtral vision tower, then a patch merger
+    # (spatial_merge_size**2 patches -> one token) and the projector; Mistral
+    # text. Tekken ids as Pixtral. Patch 4, merge 2: one token per 8x8 pixels;
+    # each image is rows x ([IMG]*cols + [IMG_BREAK]), last one [IMG_END].
+    max_size, patch, merge = 32, 4, 2
+    pad, bos, eos, img, brk, end = 11, 1, 2, 10, 12, 13
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(**_vision_kwargs(max_size, patch), head_dim=_VISION_HIDDEN // _VISION_HEADS),
+        text_config=MistralConfig(**_text_kwargs(V, pad, bos, eos), sliding_window=None),
+        image_token_index=img,
+        spatial_merge_size=merge,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    spec = TinyVLMSpec(
+        family="mistral3", vocab_size=V, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        image_token_id=img, text_token_range=(16, V), special_token_ids=tuple(range(0, 16)),
+        image_size=max_size, patch_size=patch, spatial_merge_size=merge,
+        image_break_token_id=brk, image_end_token_id=end,
+        # (H, W) per image, cycled: 3x4 = 12 and 4x2 = 8 merged tokens.
+        pixtral_image_sizes=((24, 32), (32, 16)),
+    )
+    return Mistral3ForConditionalGeneration, config, spec
+
+
+def _build_llava_onevision(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # LLaVA-OneVision: SigLIP tower (no CLS, strategy "full"), anyres tiling as
+    # LLaVA-NeXT with "anyres_max_9" (features bilinearly shrunk past 9 tiles'
+    # worth), an image_newline per row, Qwen2 text (q/k/v biases). Image and
+    # video ids at the top of the vocab (real: 151646 / 151647).
+    tile, patch = 16, 8
+    pad, bos, eos, img, vid = 0, 1, 2, V - 1, V - 2
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_vision_kwargs(tile, patch), vision_use_head=False),
+        text_config=Qwen2Config(**_text_kwargs(V, pad, bos, eos), use_sliding_window=False),
+        image_token_index=img,
+        video_token_index=vid,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+    spec = TinyVLMSpec(
+        family="llava_onevision", vocab_size=V, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        image_token_id=img, text_token_range=(3, V - 2), special_token_ids=(pad, bos, eos, vid, img),
+        image_size=tile, patch_size=patch, video_token_id=vid,
+        llava_next_image_sizes=((20, 36), (36, 18)),
+    )
+    return LlavaOnevisionForConditionalGeneration, config, spec
+
+
+def _build_internvl(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # InternVL 3 (-hf layout): InternViT (CLS dropped), pixel shuffle by
+    # downsample_ratio 0.5 (4 patches -> one token), MLP projector, Qwen2 text.
+    # Image block as the processor builds it: <img> <IMG_CONTEXT>*n </img>.
+    image_size, patch = 32, 4
+    pad, bos, eos = 0, 1, 2
+    img, start, stop = V - 1, V - 2, V - 3
+    tokens = (image_size // patch) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(**_vision_kwargs(image_size, patch)),
+        text_config=Qwen2Config(**_text_kwargs(V, pad, bos, eos), use_sliding_window=False),
+        image_token_id=img,
+        image_seq_length=tokens,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    spec = TinyVLMSpec(
+        family="internvl", vocab_size=V, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        image_token_id=img, text_token_range=(3, V - 3), special_token_ids=(pad, bos, eos, stop, start, img),
+        image_size=image_size, patch_size=patch, start_image_token_id=start, end_image_token_id=stop,
+        tokens_per_image=tokens,
+    )
+    return InternVLForConditionalGeneration, config, spec
+
+
+def _build_gemma4(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # Gemma 4: its own ViT on pre-patchified pixels with (x, y) patch positions,
+    # average-pooled to soft tokens; Gemma4 text with every quirk the engine must
+    # handle: per-layer embeddings (PLE), a sliding and a full layer (the full one
+    # with its own head_dim, keys reused as values, proportional partial RoPE),
+    # final-logit softcapping, bidirectional attention inside image blocks
+    # (mm_token_type_ids), a tied lm_head. Image/video/audio ids inside the text
+    # vocab as in the real checkpoints; the model swaps them for pad before the
+    # embedding lookup. No KV-shared layers (see hf_dream.targets.Gemma4Adapter).
+    image_size, patch, pool = 16, 4, 2
+    pad, eos, bos = 0, 1, 2
+    img, vid, aud, boi, eoi, boa, eoa = V - 1, V - 2, V - 3, V - 4, V - 5, V - 6, V - 7
+    text = Gemma4TextConfig(
+        **{**_text_kwargs(V, pad, bos, eos), "tie_word_embeddings": True},
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=512,
+        global_head_dim=2 * _TEXT_HEAD_DIM,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=V,
+        final_logit_softcapping=30.0,
+        use_bidirectional_attention="vision",
+        num_kv_shared_layers=0,
+    )
+    vision = Gemma4VisionConfig(
+        **{k: v for k, v in _vision_kwargs(image_size, patch).items() if k != "image_size"},
+        num_key_value_heads=_VISION_HEADS,
+        head_dim=_VISION_HIDDEN // _VISION_HEADS,
+        pooling_kernel_size=pool,
+        position_embedding_size=64,
+    )
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None,
+        image_token_id=img, video_token_id=vid, audio_token_id=aud,
+        boi_token_id=boi, eoi_token_id=eoi, boa_token_id=boa, eoa_token_index=eoa,
+        tie_word_embeddings=True,
+    )
+    spec = TinyVLMSpec(
+        family="gemma4", vocab_size=V, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        image_token_id=img, text_token_range=(3, V - 7),
+        special_token_ids=(pad, eos, bos, eoa, boa, eoi, boi, aud, vid, img),
+        image_size=image_size, patch_size=patch, boi_token_id=boi, eoi_token_id=eoi, video_token_id=vid,
+        tokens_per_image=(image_size // patch) ** 2 // pool**2,
+    )
+    return Gemma4ForConditionalGeneration, config, spec
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "pixtral": _build_pixtral,
     "idefics3": _build_idefics3,
     "gemma3": _build_gemma3,
+    "mistral3": _build_mistral3,
+    "llava_onevision": _build_llava_onevision,
+    "internvl": _build_internvl,
+    "gemma4": _build_gemma4,
 }
 assert tuple(_BUILDERS) == SUPPORTED_TINY_FAMILIES
 
@@ -456,6 +624,13 @@ def build_tiny_target(
             proj = model.model.multi_modal_projector.mm_input_projection_weight
             with torch.no_grad():
                 proj.normal_(0.0, _GEMMA3_PROJ_STD)
+        elif family == "gemma4":
+            # Tied lm_head: zero only the image/video/audio placeholder rows, which
+            # the model never reads as inputs (it swaps them for pad before the
+            # embedding lookup), so greedy decoding never emits a placeholder.
+            rows = [model.config.image_token_id, model.config.video_token_id, model.config.audio_token_id]
+            with torch.no_grad():
+                model.lm_head.weight[rows] = 0.0
         else:
             # Untied lm_head: zero the rows of every special id except eos. A
             # zero row gives logit 0, which (practically) never beats the max
@@ -518,19 +693,20 @@ def _image_blocks_and_pixels(model, spec: TinyVLMSpec, n_images: int, gen: torch
             block = [spec.boi_token_id] + [spec.image_token_id] * spec.tokens_per_image + [spec.eoi_token_id]
         return [list(block) for _ in range(n_images)], {"pixel_values": pixels}
 
-    if fam == "pixtral":
+    if fam in ("pixtral", "mistral3"):
         sizes = [spec.pixtral_image_sizes[i % len(spec.pixtral_image_sizes)] for i in range(n_images)]
         pixels = torch.zeros(n_images, 3, s, s)
         blocks = []
+        token_side = spec.patch_size * spec.spatial_merge_size
         for i, (h, w) in enumerate(sizes):
             pixels[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-            rows, cols = h // spec.patch_size, w // spec.patch_size
+            rows, cols = h // token_side, w // token_side
             block = ([spec.image_token_id] * cols + [spec.image_break_token_id]) * rows
             block[-1] = spec.image_end_token_id
             blocks.append(block)
         return blocks, {"pixel_values": pixels, "image_sizes": torch.tensor(sizes, dtype=torch.long)}
 
-    if fam == "llava_next":
+    if fam in ("llava_next", "llava_onevision"):
         sizes = [spec.llava_next_image_sizes[i % len(spec.llava_next_image_sizes)] for i in range(n_images)]
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -545,6 +721,21 @@ def _image_blocks_and_pixels(model, spec: TinyVLMSpec, n_images: int, gen: torch
         counts = _llava_next_token_counts(model, pixels, image_sizes)
         blocks = [[spec.image_token_id] * c for c in counts]
         return blocks, {"pixel_values": pixels, "image_sizes": image_sizes}
+
+    if fam == "internvl":
+        pixels = torch.randn(n_images, 3, s, s, generator=gen)
+        block = [spec.start_image_token_id] + [spec.image_token_id] * spec.tokens_per_image + [spec.end_image_token_id]
+        return [list(block) for _ in range(n_images)], {"pixel_values": pixels}
+
+    if fam == "gemma4":
+        # pre-patchified as Gemma4's image processor does: (images, patches, 3 * patch**2) in [0, 1],
+        # with each patch's (x, y) position in the patch grid
+        side = s // spec.patch_size
+        pixels = torch.rand(n_images, side * side, 3 * spec.patch_size**2, generator=gen)
+        grid = torch.arange(side * side)
+        positions = torch.stack([grid % side, grid // side], dim=-1).expand(n_images, -1, -1).clone()
+        block = [spec.boi_token_id] + [spec.image_token_id] * spec.tokens_per_image + [spec.eoi_token_id]
+        return [list(block) for _ in range(n_images)], {"pixel_values": pixels, "image_position_ids": positions}
 
     if fam == "idefics3":
         pixels = torch.randn(n_images, 3, s, s, generator=gen)
@@ -579,25 +770,30 @@ def make_tiny_inputs(
     text_len_before: int = 5,
     text_len_after: int = 7,
     batch_size: int = 1,
+    image_first: bool = False,
 ) -> dict:
     """Random, deterministic inputs for a model from :func:`build_tiny_target`.
 
     Every row is ``[bos] text_before (image block)*num_images text_after``; row
     ``r`` has ``r`` extra text tokens both before and after the images, and rows
-    are LEFT padded with the pad id (attention_mask 0 on padding).
+    are LEFT padded with the pad id (attention_mask 0 on padding). With
+    ``image_first`` a row starts with its first image block (no bos, no text
+    before: ``text_len_before`` must be 0).
     """
     spec = _spec_of(model)
     if num_images < 0 or batch_size < 1 or text_len_before < 0 or text_len_after < 0:
         raise ValueError("num_images/text lengths must be >= 0 and batch_size >= 1")
+    if image_first and (num_images < 1 or text_len_before):
+        raise ValueError("image_first needs num_images >= 1 and text_len_before=0")
     gen = torch.Generator().manual_seed(seed)
     lo, hi = spec.text_token_range
 
     rows: list[list[int]] = []
     per_row_pixels: list[dict[str, torch.Tensor]] = []
     for r in range(batch_size):
-        before = torch.randint(lo, hi, (text_len_before + r,), generator=gen).tolist()
+        before = [] if image_first else torch.randint(lo, hi, (text_len_before + r,), generator=gen).tolist()
         after = torch.randint(lo, hi, (text_len_after + r,), generator=gen).tolist()
-        ids = [spec.bos_token_id] + before
+        ids = [] if image_first else [spec.bos_token_id] + before
         if num_images:
             blocks, extra = _image_blocks_and_pixels(model, spec, num_images, gen)
             for b in blocks:
@@ -623,7 +819,7 @@ def make_tiny_inputs(
             inputs["pixel_attention_mask"] = torch.ones(
                 pv.shape[0], pv.shape[1], pv.shape[-2], pv.shape[-1], dtype=torch.bool
             )
-        elif fam == "llava_next":
+        elif fam in ("llava_next", "llava_onevision"):
             # Rows may have different tile counts: pad the tile dim (the model
             # slices each image back to its own count using image_sizes).
             n_tiles = max(p["pixel_values"].shape[1] for p in per_row_pixels)
@@ -636,12 +832,18 @@ def make_tiny_inputs(
             inputs["pixel_values"] = torch.cat(pvs)
             inputs["image_sizes"] = torch.cat([p["image_sizes"] for p in per_row_pixels])
         else:
-            inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in per_row_pixels])
-            if fam == "pixtral":
-                inputs["image_sizes"] = torch.cat([p["image_sizes"] for p in per_row_pixels])
-    if spec.family == "gemma3":
-        inputs["token_type_ids"] = (input_ids == spec.image_token_id).long()
+            for key in per_row_pixels[0]:  # pixel_values, and image_sizes / image_position_ids where the family has them
+                inputs[key] = torch.cat([p[key] for p in per_row_pixels])
+    inputs.update(_token_types(spec, input_ids))
     return inputs
+
+
+def _token_types(spec: TinyVLMSpec, input_ids: torch.LongTensor) -> dict[str, torch.Tensor]:
+    """The per-token image marks a family's processor returns: gemma3's `token_type_ids`,
+    gemma4's `mm_token_type_ids` (1 on image tokens; both turn on bidirectional attention
+    inside image blocks), nothing elsewhere."""
+    key = {"gemma3": "token_type_ids", "gemma4": "mm_token_type_ids"}.get(spec.family)
+    return {} if key is None else {key: (input_ids == spec.image_token_id).long()}
 
 
 def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
@@ -656,8 +858,9 @@ def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
         "input_ids": inputs["input_ids"][row : row + 1, keep],
         "attention_mask": inputs["attention_mask"][row : row + 1, keep],
     }
-    if "token_type_ids" in inputs:
-        out["token_type_ids"] = inputs["token_type_ids"][row : row + 1, keep]
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            out[key] = inputs[key][row : row + 1, keep]
     if "pixel_values" in inputs:
         if spec.family == "idefics3":
             out["pixel_values"] = inputs["pixel_values"][row : row + 1]
@@ -666,9 +869,9 @@ def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
         else:
             # one entry per image, images of all rows concatenated in order
             n = inputs["pixel_values"].shape[0] // bsz
-            out["pixel_values"] = inputs["pixel_values"][row * n : (row + 1) * n]
-            if "image_sizes" in inputs:
-                out["image_sizes"] = inputs["image_sizes"][row * n : (row + 1) * n]
+            for key in ("pixel_values", "image_sizes", "image_position_ids"):
+                if key in inputs:
+                    out[key] = inputs[key][row * n : (row + 1) * n]
     return out
 
 
@@ -689,8 +892,7 @@ def stack_tiny_inputs(model, rows: list[dict]) -> dict:
         input_ids[index, width - length :] = row["input_ids"][0]
         attention_mask[index, width - length :] = row["attention_mask"][0]
     batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if spec.family == "gemma3":
-        batch["token_type_ids"] = (input_ids == spec.image_token_id).long()
+    batch.update(_token_types(spec, input_ids))
     pixels = [row["pixel_values"] for row in rows if "pixel_values" in row]
     if not pixels:
         return batch
@@ -702,7 +904,7 @@ def stack_tiny_inputs(model, rows: list[dict]) -> dict:
             [torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1) for p in pixels]
         )
         batch["pixel_attention_mask"] = torch.ones(len(rows), most, *pixels[0].shape[-2:], dtype=torch.bool)
-    elif spec.family == "llava_next":
+    elif spec.family in ("llava_next", "llava_onevision"):
         tiles = max(p.shape[1] for p in pixels)
         batch["pixel_values"] = torch.cat(
             [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], 1) for p in pixels]
@@ -710,8 +912,9 @@ def stack_tiny_inputs(model, rows: list[dict]) -> dict:
         batch["image_sizes"] = torch.cat([row["image_sizes"] for row in rows])
     else:
         batch["pixel_values"] = torch.cat(pixels)
-        if spec.family == "pixtral":
-            batch["image_sizes"] = torch.cat([row["image_sizes"] for row in rows])
+        for key in ("image_sizes", "image_position_ids"):
+            if key in rows[0]:
+                batch[key] = torch.cat([row[key] for row in rows])
     return batch
 
 
@@ -731,12 +934,14 @@ def image_feature_counts(model, inputs: dict) -> list[int]:
     if spec.family == "idefics3":
         feats = inner.get_image_features(pv, inputs.get("pixel_attention_mask")).pooler_output
         return [int(f.shape[0]) for f in feats]  # already one entry per row
-    if spec.family == "gemma3":
-        feats = inner.get_image_features(pv).pooler_output  # [n_images, mm_tokens, hidden]
+    if spec.family in ("gemma3", "internvl"):
+        feats = inner.get_image_features(pv).pooler_output  # [n_images, tokens, hidden]
         per_image = [int(f.shape[0]) for f in feats]
-    elif spec.family == "llava_next":
+    elif spec.family == "gemma4":
+        per_image = [int(f.shape[0]) for f in inner.get_image_features(pv, inputs["image_position_ids"]).pooler_output]
+    elif spec.family in ("llava_next", "llava_onevision"):
         per_image = [int(f.shape[0]) for f in inner.get_image_features(pv, inputs["image_sizes"]).pooler_output]
-    else:  # llava, pixtral
+    else:  # llava, pixtral, mistral3
         kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
         per_image = [int(f.shape[0]) for f in inner.get_image_features(pixel_values=pv, **kw).pooler_output]
     n = len(per_image) // bsz

@@ -90,12 +90,18 @@ def test_forward_and_image_token_count(tiny):
         assert t in spec.special_token_ids or lo <= t < hi
     n_text = sum(lo <= t < hi for t in ids[1].tolist())
     assert n_text == (5 + 1) + (7 + 1)  # row 1 has one extra token before and after
-    if family == "pixtral":
+    if family in ("pixtral", "mistral3"):
         assert (ids == spec.image_end_token_id).sum(-1).tolist() == [2, 2]
         assert (ids == spec.image_break_token_id).sum() > 0
     if family == "gemma3":
         assert torch.equal(inputs["token_type_ids"], (ids == spec.image_token_id).long())
         assert spec.image_token_id >= spec.vocab_size  # OOV like PaliGemma
+    if family == "gemma4":
+        assert torch.equal(inputs["mm_token_type_ids"], (ids == spec.image_token_id).long())
+        assert spec.image_token_id < spec.vocab_size  # inside the vocab, as in the real checkpoints
+        assert (ids == spec.boi_token_id).sum(-1).tolist() == [2, 2]
+    if family == "internvl":
+        assert (ids == spec.start_image_token_id).sum(-1).tolist() == (ids == spec.end_image_token_id).sum(-1).tolist() == [2, 2]
     if family == "idefics3":
         assert (ids == spec.fake_image_token_id).sum(-1).tolist() == [4, 4]
 
@@ -143,13 +149,16 @@ def test_full_forward_reproduces_greedy(tiny):
     spec = model.tiny_spec
     inputs = make_tiny_inputs(model, seed=2, num_images=2)
     gen = _new_tokens(model, inputs, n=12)
-    if family != "gemma3":  # untied lm_head: specials (except eos) are never emitted
+    if family not in ("gemma3", "gemma4"):  # untied lm_head: specials (except eos) are never emitted
         assert not any(t in spec.special_token_ids and t != spec.eos_token_id for t in gen[0].tolist())
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], gen], 1)
     full["attention_mask"] = torch.ones_like(full["input_ids"])
-    if "token_type_ids" in inputs:
-        full["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(gen)], 1)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            full[key] = torch.cat([inputs[key], torch.zeros_like(gen)], 1)
+    if family == "gemma4":  # tied lm_head: only the placeholder rows are zeroed, so no placeholder is emitted
+        assert not {spec.image_token_id, spec.video_token_id} & set(gen[0].tolist())
     with torch.no_grad():
         logits = model(**full).logits
     L = inputs["input_ids"].shape[1]
@@ -165,3 +174,16 @@ def test_tiny_tokenizer_is_one_character_per_token():
     text = tokenizer.decode(ids)
     assert len(text) == len(ids) and len(set(text)) == len(ids)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_image_first_rows_start_with_their_image_block(tiny):
+    family, model = tiny
+    spec = model.tiny_spec
+    inputs = make_tiny_inputs(model, seed=4, batch_size=2, image_first=True, text_len_before=0)
+    for row in range(2):
+        ids = tiny_inputs_row(model, inputs, row)["input_ids"][0].tolist()
+        assert ids[0] != spec.bos_token_id and ids[0] in spec.special_token_ids
+        assert spec.image_token_id in ids[:3]  # the image itself, or right after its opening tokens
+    assert image_token_counts(model, inputs) == image_feature_counts(model, inputs)
+    with pytest.raises(ValueError, match="image_first"):
+        make_tiny_inputs(model, image_first=True)  # text before the image contradicts it

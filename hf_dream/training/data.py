@@ -35,15 +35,19 @@ if TYPE_CHECKING:
     from .remote import ServerRegeneration
 
 # Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+# (`mm_token_type_ids`: Gemma 4's image marks, as Gemma3's `token_type_ids`.)
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+SEQUENCE_KEYS = ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, **dict.fromkeys(TOKEN_TYPE_KEYS, 0)}
+# Image tensors pad with 0, except patch positions, where -1 marks padding (Gemma 4's `image_position_ids`).
+IMAGE_PAD_VALUES = {"image_position_ids": -1}
 
 
-def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...], value: int = 0) -> torch.Tensor:
     padding = []
     for have, want in zip(reversed(tensor.shape), reversed(shape)):
         padding += [0, want - have]
-    return torch.nn.functional.pad(tensor, padding)
+    return torch.nn.functional.pad(tensor, padding, value=value)
 
 
 def collate_model_inputs(samples: list[dict], padding_side: str = "right", pad_token_id: int = 0) -> dict:
@@ -68,7 +72,7 @@ def collate_model_inputs(samples: list[dict], padding_side: str = "right", pad_t
             batch[key] = torch.cat([_pad_sequence(t.reshape(1, -1), length, padding_side, value) for t in tensors])
         else:
             shape = tuple(max(sizes) for sizes in zip(*(t.shape for t in tensors)))
-            batch[key] = torch.cat([_pad_to(t, (t.shape[0], *shape[1:])) for t in tensors])
+            batch[key] = torch.cat([_pad_to(t, (t.shape[0], *shape[1:]), IMAGE_PAD_VALUES.get(key, 0)) for t in tensors])
     return batch
 
 
@@ -88,9 +92,9 @@ class DreamDataCollator:
         samples = []
         for row in rows:
             sample = {key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")}
-            sample["input_ids"] = sample["input_ids"].reshape(1, -1)
-            if "token_type_ids" in sample:
-                sample["token_type_ids"] = sample["token_type_ids"].reshape(1, -1)
+            for key in ("input_ids", *TOKEN_TYPE_KEYS):
+                if key in sample:
+                    sample[key] = sample[key].reshape(1, -1)
             samples.append(sample)
         batch = collate_model_inputs(samples, "right", self.pad_token_id)
         batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
@@ -141,8 +145,9 @@ def response_row(sample: dict, response: list[int]) -> dict:
     row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
     row["input_ids"] = prompt + list(response)
     row["prompt_length"] = len(prompt)
-    if "token_type_ids" in sample:
-        row["token_type_ids"] = sample["token_type_ids"].reshape(-1).tolist() + [0] * len(response)
+    for key in TOKEN_TYPE_KEYS:
+        if key in sample:
+            row[key] = sample[key].reshape(-1).tolist() + [0] * len(response)
     return row
 
 

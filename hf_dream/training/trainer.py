@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..features import read_teacher
 from ..modeling_dream import DreamDraftModel
-from .data import DreamDataCollator, response_mask
+from .data import TOKEN_TYPE_KEYS, DreamDataCollator, response_mask
 from .losses import dream_losses, top1_agreement
 
 MID_SUPERVISION = ("entropy", "static", "none")
@@ -214,7 +214,7 @@ def prompt_inputs(row: dict, device) -> dict:
         if key in ("prompt_length", "source_index"):
             continue
         tensor = torch.as_tensor(value)
-        if key in ("input_ids", "token_type_ids"):
+        if key in ("input_ids", *TOKEN_TYPE_KEYS):
             tensor = tensor.reshape(1, -1)[:, :length]
         inputs[key] = tensor.to(device)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

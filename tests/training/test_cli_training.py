@@ -101,3 +101,29 @@ def test_train_refuses_a_dataset_prepared_for_another_target(tmp_path, prompts):
     assert main(["prepare-data", "--target", "tiny:llava", "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "4"]) == 0
     with pytest.raises(ValueError, match="was prepared with tiny:llava, not with --target tiny:idefics3"):
         main(["train", "--target", "tiny:idefics3", "--dataset", str(data), "--use_cpu", "--report_to", "none", "--output_dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("family", ["mistral3", "llava_onevision", "internvl", "gemma4"])
+def test_a_later_family_trains_end_to_end(tmp_path, prompts, family):
+    """`prepare-data`, `calibrate`, a few `train` steps, then the trained drafter decodes exactly as the target alone."""
+    import torch
+
+    from hf_dream.loading import load_target
+    from hf_dream.testing import make_tiny_inputs
+
+    target_spec, data, run = f"tiny:{family}", tmp_path / "data", tmp_path / "run"
+    assert main(["prepare-data", "--target", target_spec, "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "12"]) == 0
+    assert main(["calibrate", "--target", target_spec, "--dataset", str(data), "--out", str(tmp_path / "cal"), "--all-layers"]) == 0
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["response_tokens"] > 0
+    common = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+    assert main(["train", "--target", target_spec, "--dataset", str(data), "--output_dir", str(run), "--max_steps", "3",
+                 "--per_device_train_batch_size", "2", "--entropy_layers", "all", *common]) == 0
+    drafter = DreamDraftModel.from_pretrained(run / "drafter")
+    assert drafter.config.target_model_type == family and drafter.config.target_name_or_path == target_spec
+
+    target, _ = load_target(target_spec)
+    inputs = make_tiny_inputs(target, seed=3, image_first=True, text_len_before=0)
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    output = target.generate(**inputs, assistant_model=drafter, **greedy)
+    assert torch.equal(output, target.generate(**inputs, **greedy))
+    assert drafter.last_stats["new_tokens"] == output.shape[1] - inputs["input_ids"].shape[1] > 0

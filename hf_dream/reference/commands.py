@@ -50,9 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build = parser.add_argument_group("build")
     build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector on the committed instruction data + easy-VQA first (resumable) and rewrite the committed weights file")
     build.add_argument("--steps", type=int, default=defaults["max_steps"], help="build --retrain: optimizer steps")
+    build.add_argument("--learning-rate", type=float, default=defaults["learning_rate"], help="build --retrain: peak learning rate of the mixture stage")
     build.add_argument("--batch-size", type=int, default=defaults["per_device_train_batch_size"], help="build --retrain: batch size")
     build.add_argument("--max-response-tokens", type=int, default=defaults["max_response_tokens"], help="build --retrain: train on the first N tokens of each response")
-    build.add_argument("--anchor-weight", type=float, default=defaults["anchor_weight"], help="build --retrain: weight of the word-anchor loss (VisionTrainingArguments.anchor_weight)")
+    build.add_argument("--transcript-steps", type=int, default=defaults["transcript_steps"], help="build --retrain: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps)")
     build.add_argument("--init-weights", default=None, help="build --retrain: start from a vision-training checkpoint's model.safetensors (a fresh schedule)")
     build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
@@ -118,7 +119,8 @@ def _build(args: argparse.Namespace) -> int:
     target = _module(args.name)
     training_args = VisionTrainingArguments(
         output_dir=None, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens,
-        anchor_weight=args.anchor_weight, init_weights=args.init_weights,
+        transcript_steps=args.transcript_steps, init_weights=args.init_weights,
+        learning_rate=args.learning_rate,
     ) if args.retrain else None
     weights = Path(args.weights) if args.weights else target.WEIGHTS_PATH
     started = time.perf_counter()

@@ -327,6 +327,7 @@ def vision_recipe(model, processor, spec: VisionSpec = DEFAULT_SPEC):
         forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values, "token_type_ids": (input_ids == image_token_id).long()},
         vqa_prompt=vqa_prompt,
         pad_token_id=processor.tokenizer.pad_token_id,
+        text_ids=lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"],
     )
 
 

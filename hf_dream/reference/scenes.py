@@ -155,6 +155,30 @@ class Scene:
         return image.resize((size, size), Image.LANCZOS)
 
 
+    def object_map(self, patches: int = 16, size: int = 128) -> list[list[int]]:
+        """Which object each of `patches` x `patches` image patches shows: k + 1 for `objects[k]` (reading order),
+        0 for background. A patch shows the object that covers most of it, if that covers at least a quarter
+        (later objects are drawn over earlier ones, as in `draw`). The dense targets of vision training's stage 1."""
+        from PIL import Image, ImageDraw
+
+        if size % patches:
+            raise ValueError(f"size {size} is not a multiple of patches {patches}")
+        cell = size // patches
+        owner = Image.new("L", (size, size), 0)
+        for k, obj in enumerate(self.objects):
+            mask = Image.new("RGB", (size, size), (0, 0, 0))
+            _draw_object(ImageDraw.Draw(mask), size, obj)
+            owner.paste(k + 1, mask=mask.convert("L").point(lambda v: 255 if v else 0))
+        import torch
+
+        owners = torch.frombuffer(bytearray(owner.tobytes()), dtype=torch.uint8).view(patches, cell, patches, cell).long()
+        counts = torch.stack([(owners == k + 1).sum(dim=(1, 3)) for k in range(len(self.objects))]) if self.objects else None
+        if counts is None:
+            return [[0] * patches for _ in range(patches)]
+        best = counts.max(dim=0)
+        shown = torch.where(best.values * 4 >= cell * cell, best.indices + 1, 0)
+        return shown.tolist()
+
 def _draw_texture(draw, side: int, scene: Scene) -> None:
     if scene.texture == "plain" or scene.texture_color is None:
         return

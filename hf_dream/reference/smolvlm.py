@@ -121,7 +121,7 @@ class VisionSpec:
 # v1 (2026-11-28): 64x64 images, 16 image tokens, vision trained on easy-VQA only: one-sentence answers.
 # v2: 128x128 procedural scenes, 64 image tokens, trained on the text model's own answers to the scenes in
 # words (instruction_data.py) with the shared loop (vision_training.py). `build --retrain` makes v2.
-SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpec(image_size=128)}
+SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpec(image_size=128, num_hidden_layers=6)}
 TRAINING_VERSION = "v2"
 DEFAULT_SPEC = SPECS[TRAINING_VERSION]
 
@@ -395,6 +395,7 @@ def vision_recipe(model, processor, spec: VisionSpec | None = None):
         forward_inputs=lambda input_ids, pixel_values: {"pixel_values": pixel_values},
         vqa_prompt=vqa_prompt,
         pad_token_id=processor.tokenizer.pad_token_id,
+        text_ids=lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"],
     )
 
 

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainingArguments
 
 from . import easy_vqa
 from .instruction_data import InstructionExample
-from .scenes import COLORS, SHAPES, TRAIN, scene_from_seed
+from .scenes import COLORS, SHAPES, SIZES, TRAIN, scene_from_seed
 
 PROBE_SHAPES = SHAPES  # easy-VQA's circle / rectangle / triangle are among them
 PROBE_COLORS = tuple(COLORS)
@@ -70,7 +70,11 @@ class VisionTrainingArguments(TrainingArguments):
     caption_fraction: float = dataclasses.field(default=0.25, metadata={"help": "share of alignment captions in the mix: a fresh training scene's picture, a caption prompt, and the scene's description as the answer, every word of which is about the picture (LLaVA's stage-1 captions; default 0.25)"})
     connector_lr_scale: float = dataclasses.field(default=2.0, metadata={"help": "connector learning rate = this x learning_rate (default 2.0)"})
     probe_weight: float = dataclasses.field(default=0.5, metadata={"help": "weight of the auxiliary shape/colour probe loss (default 0.5)"})
-    anchor_weight: float = dataclasses.field(default=0.0, metadata={"help": "weight of the word-anchor loss: image tokens over an object are pulled (cosine) towards the text model's own embeddings of its colour and shape words (alternate columns), so the frozen text model reads them as those words from the start (default 0.0: off)"})
+    transcript_steps: int = dataclasses.field(default=0, metadata={"help": "stage 1, before the mixture: optimizer steps in which the vision tower + connector alone learn to make the image tokens spell the scene's transcript (`transcripts.TranscriptLayout`: the description at fixed offsets) on freshly drawn training scenes, with dense per-patch targets (which object, its shape, colour, size) at a middle layer; no text-model pass, so cheap; resumable in <output_dir>/transcript (default 0: no stage 1)"})
+    transcript_batch_size: int = dataclasses.field(default=32, metadata={"help": "stage 1: scenes per step (default 32)"})
+    transcript_learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "stage 1: peak learning rate (default 1e-3)"})
+    transcript_fill_weight: float = dataclasses.field(default=0.2, metadata={"help": "stage 1: weight of the transcript's fill positions against its words' (default 0.2)"})
+    dense_weight: float = dataclasses.field(default=1.0, metadata={"help": "stage 1: weight of the dense per-patch targets (default 1.0)"})
     init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start from the trained tensors of this checkpoint (`checkpoint-N/model.safetensors`) instead of the random init; a fresh schedule (default None)"})
     probe_scenes_per_step: int = dataclasses.field(default=16, metadata={"help": "extra freshly drawn training scenes per step that only the probe sees (vision tower + connector, no text model: cheap); they show the vision tower far more scenes than there are responses (default 16)"})
 
@@ -93,6 +97,7 @@ class VisionRecipe:
     forward_inputs: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # (input_ids, stacked pixels) -> extra forward kwargs
     vqa_prompt: Callable[[str], str]
     pad_token_id: int
+    text_ids: Callable[[str], list[int]] | None = None  # text -> the text model's token ids, no special tokens (stage 1's transcripts)
 
 
 @dataclasses.dataclass
@@ -300,11 +305,6 @@ class VisionTrainingModel(nn.Module):
         self.probe_cell_shape = nn.Linear(hidden, len(PROBE_SHAPES) + 1)
         self.probe_cell_color = nn.Linear(hidden, len(PROBE_COLORS) + 1)
         self._features: list[torch.Tensor] = []
-        table = vlm.get_input_embeddings().weight.detach().float()
-        words = lambda names: torch.stack([table[recipe.tokenize("", n, False)[1]].mean(0) for n in names])  # noqa: E731
-        self.register_buffer("anchor_shapes", words(PROBE_SHAPES), persistent=False)
-        self.register_buffer("anchor_colors", words(PROBE_COLORS), persistent=False)
-        self.anchor_weight = 0.0
         recipe.connector.register_forward_hook(lambda module, inputs, output: self._features.append(output))
         for p in vlm.parameters():
             p.requires_grad_(False)
@@ -358,32 +358,13 @@ class VisionTrainingModel(nn.Module):
         if (probe_cells[..., 0] >= 0).any():
             probe_loss = probe_loss + F.cross_entropy(self.probe_cell_shape(pooled).flatten(0, 1), probe_cells[..., 0].flatten(), ignore_index=-100)
             probe_loss = probe_loss + F.cross_entropy(self.probe_cell_color(pooled).flatten(0, 1), probe_cells[..., 1].flatten(), ignore_index=-100)
-        anchor_loss = self.anchor_loss(features, probe_cells, side) if self.anchor_weight else features.new_zeros(())
         with torch.no_grad():
             self.last_metrics = {
                 "answer_loss": answer_loss.item(),
                 "token_accuracy": (logits.argmax(-1) == targets[where]).float().mean().item(),
                 "probe_loss": probe_loss.item(),
-                **({"anchor_loss": anchor_loss.item()} if self.anchor_weight else {}),
             }
-        return {"loss": answer_loss + self.probe_weight * probe_loss + self.anchor_weight * anchor_loss}
-
-    def anchor_loss(self, features: torch.Tensor, probe_cells: torch.Tensor, side: int) -> torch.Tensor:
-        """Mean cosine distance of the image tokens over an object to its colour word's embedding (even token
-        columns) or its shape word's (odd columns); tokens of empty cells and of easy-VQA images are free."""
-        rows = torch.arange(side, device=features.device)
-        cell = (rows[:, None] * GRID // side) * GRID + (rows[None, :] * GRID // side)  # [side, side] -> cell index
-        shape = probe_cells[:, :, 0][:, cell.flatten()]  # [B, tokens]
-        color = probe_cells[:, :, 1][:, cell.flatten()]
-        occupied = (shape >= 0) & (shape < len(PROBE_SHAPES))
-        if not occupied.any():
-            return features.new_zeros(())
-        even = (rows[None, :] % 2 == 0).expand(side, side).flatten()[None, :].expand_as(occupied)
-        targets = torch.where(
-            even[..., None], self.anchor_colors[color.clamp(0, len(PROBE_COLORS) - 1)], self.anchor_shapes[shape.clamp(0, len(PROBE_SHAPES) - 1)]
-        )
-        distance = 1 - F.cosine_similarity(features, targets.to(features.dtype), dim=-1)
-        return distance[occupied].mean()
+        return {"loss": answer_loss + self.probe_weight * probe_loss}
 
 
 class VisionTrainer(Trainer):
@@ -424,6 +405,186 @@ class VisionTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+# --- stage 1: image tokens that spell the scene's transcript ----------------------------------
+TRANSCRIPT_SEED_OFFSET = 8_000_000  # stage-1 scenes: `scenes.TRAIN` from this index on (disjoint from the other kinds')
+TRANSCRIPT_EVAL_SEEDS = range(300_000, 300_128)  # `scenes.EVAL` indices of the held-out transcript check
+DENSE_HEADS = {"object": 4 + 1, "shape": len(SHAPES) + 1, "color": len(COLORS) + 1, "size": len(SIZES) + 1}  # last class: background
+
+
+def transcript_targets(recipe: VisionRecipe, layout, scene, patches: int) -> dict[str, torch.Tensor]:
+    """Stage-1 targets of one scene: its transcript ids and, per image patch (raster order), which object it shows
+    and that object's shape / colour / size (the background class where no object covers it)."""
+    owner = torch.tensor(scene.object_map(patches)).flatten()  # 0 = background, k + 1 = objects[k]
+    attributes = {
+        "object": list(range(len(scene.objects))),
+        "shape": [SHAPES.index(o.shape) for o in scene.objects],
+        "color": [list(COLORS).index(o.color) for o in scene.objects],
+        "size": [list(SIZES).index(o.size) for o in scene.objects],
+    }
+    dense = {}
+    for head, classes in DENSE_HEADS.items():
+        table = torch.tensor([classes - 1, *attributes[head]])  # owner 0 -> background class
+        dense[f"patch_{head}"] = table[owner]
+    return {"transcript": torch.tensor(layout.ids(recipe.text_ids, scene)), **dense}
+
+
+class TranscriptSet(torch.utils.data.Dataset):
+    """Stage 1's examples: freshly drawn training scenes (seeds from `TRANSCRIPT_SEED_OFFSET`), each its pixels
+    and `transcript_targets`."""
+
+    def __init__(self, recipe: VisionRecipe, layout, length: int, patches: int, seed: int = 0):
+        self.recipe, self.layout, self.length, self.patches = recipe, layout, length, patches
+        self.start = TRANSCRIPT_SEED_OFFSET + seed * 1_000_000
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int):
+        return scene_from_seed(TRAIN.seed(self.start + index))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        scene = self.scene(index)
+        pixels = self.recipe.pixels(scene.draw())
+        return {"pixel_values": pixels.reshape(pixels.shape[-3:]), **transcript_targets(self.recipe, self.layout, scene, self.patches)}
+
+
+class TranscriptModel(nn.Module):
+    """Vision tower + connector (+ dense heads at the middle layer) trained to make each image token the text
+    model's embedding of its transcript token: cross-entropy over the transcripts' vocabulary (tied to the
+    embeddings) plus the squared distance to the embedding, then the dense per-patch cross-entropies."""
+
+    def __init__(self, recipe: VisionRecipe, embeddings: torch.Tensor, vocabulary: list[int], fill_id: int,
+                 fill_weight: float = 0.2, dense_weight: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.recipe, self.vision, self.connector = recipe, recipe.vision, recipe.connector
+        self.fill_weight, self.dense_weight = fill_weight, dense_weight
+        embeddings = embeddings.detach().float()
+        self.register_buffer("scale", embeddings.std(), persistent=False)
+        self.register_buffer("vocabulary_embeddings", embeddings[torch.tensor(vocabulary)], persistent=False)
+        lookup = torch.full((embeddings.shape[0],), -100, dtype=torch.long)
+        lookup[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
+        self.register_buffer("lookup", lookup, persistent=False)
+        self.fill_index = int(lookup[fill_id])
+        self.middle_layer = max(1, recipe.vision.config.num_hidden_layers // 2)
+        self.image_shape = (3, recipe.vision.config.image_size, recipe.vision.config.image_size)
+        torch.manual_seed(seed)
+        hidden = recipe.vision.config.hidden_size
+        self.dense_heads = nn.ModuleDict({head: nn.Linear(hidden, classes) for head, classes in DENSE_HEADS.items()})
+        for module in (self.vision, self.connector):
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+    def image_tokens(self, pixel_values: torch.Tensor, with_middle: bool = False):
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=with_middle)
+        tokens = self.connector(out.last_hidden_state).float()
+        return (tokens, out.hidden_states[self.middle_layer]) if with_middle else tokens
+
+    def nearest(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index (in the transcript vocabulary) of the nearest embedding by cosine, per image token."""
+        return (F.normalize(tokens, dim=-1) @ F.normalize(self.vocabulary_embeddings, dim=-1).T).argmax(-1)
+
+    def forward(self, pixel_values, transcript, **patch_targets):
+        tokens, middle = self.image_tokens(pixel_values, with_middle=True)
+        target = self.lookup[transcript]
+        weight = torch.where(target == self.fill_index, self.fill_weight, 1.0) * (target >= 0)
+        logits = tokens @ self.vocabulary_embeddings.T / (self.scale**2 * tokens.shape[-1]).sqrt() * 4
+        token_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten().clamp(min=0), reduction="none")
+        token_loss = (token_loss * weight.flatten()).sum() / weight.sum()
+        distance = ((tokens - self.vocabulary_embeddings[target.clamp(min=0)]) ** 2).mean(-1) / self.scale**2
+        distance = (distance * weight).sum() / weight.sum()
+        middle = middle.float()
+        background = patch_targets["patch_object"] == DENSE_HEADS["object"] - 1
+        patch_weight = torch.where(background, 0.2, 1.0).flatten()
+        dense_loss = sum(
+            (F.cross_entropy(head(middle).flatten(0, 1), patch_targets[f"patch_{name}"].flatten(), reduction="none") * patch_weight).sum()
+            / patch_weight.sum()
+            for name, head in self.dense_heads.items()
+        )
+        with torch.no_grad():
+            words = (target != self.fill_index) & (target >= 0)
+            self.last_metrics = {
+                "token_loss": token_loss.item(),
+                "distance": distance.item(),
+                "dense_loss": dense_loss.item(),
+                "word_accuracy": (self.nearest(tokens) == target)[words].float().mean().item(),
+            }
+        return {"loss": token_loss + distance + self.dense_weight * dense_loss}
+
+
+def transcript_vocabulary(recipe: VisionRecipe, layout, scenes: int = 5000) -> list[int]:
+    """Every token id in the transcripts of the first `scenes` stage-1 scenes, and the fill (sorted)."""
+    ids = {layout.fill_id}
+    for k in range(scenes):
+        ids.update(layout.ids(recipe.text_ids, scene_from_seed(TRAIN.seed(TRANSCRIPT_SEED_OFFSET + k))))
+    return sorted(ids)
+
+
+def transcript_accuracy(model: TranscriptModel, recipe: VisionRecipe, layout, batch_size: int = 32) -> dict[str, float]:
+    """Held-out check of stage 1 on `TRANSCRIPT_EVAL_SEEDS` (`scenes.EVAL`): the share of transcript words (fill
+    excluded) whose image token is nearest to that word's embedding, and of scenes whose count phrase + first
+    object slot are all right."""
+    from .scenes import EVAL
+
+    scenes = [scene_from_seed(EVAL.seed(k)) for k in TRANSCRIPT_EVAL_SEEDS]
+    right_words = words = first_right = 0
+    head = layout.count_width + layout.object_width
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            chunk = scenes[start : start + batch_size]
+            pixels = torch.stack([recipe.pixels(s.draw()).reshape(-1, *model.image_shape)[0] for s in chunk])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                tokens = model.image_tokens(pixels)
+            target = model.lookup[torch.tensor([layout.ids(recipe.text_ids, s) for s in chunk])]
+            right = model.nearest(tokens.float()) == target
+            is_word = (target != model.fill_index) & (target >= 0)
+            right_words += int(right[is_word].sum())
+            words += int(is_word.sum())
+            first_right += int(right[:, :head].all(-1).sum())
+    return {"word_accuracy": round(right_words / max(1, words), 4), "first_object_exact": round(first_right / len(scenes), 4)}
+
+
+def train_transcript(vlm, recipe: VisionRecipe, args: VisionTrainingArguments, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Stage 1: `args.transcript_steps` steps of `TranscriptModel` (vision tower + connector in place), resumable in
+    `<args.output_dir>/transcript`; returns the held-out `transcript_accuracy` and the run's numbers."""
+    import time
+
+    from .transcripts import TranscriptLayout
+
+    if recipe.text_ids is None:
+        raise ValueError(f"the {recipe.name} recipe has no text_ids: stage 1 needs the text model's tokenizer")
+    image_tokens = recipe.connector(recipe.vision(pixel_values=torch.zeros(1, 3, recipe.vision.config.image_size, recipe.vision.config.image_size)).last_hidden_state).shape[1]
+    layout = TranscriptLayout.for_tokenizer(recipe.text_ids, image_tokens)
+    patches = recipe.vision.config.image_size // recipe.vision.config.patch_size
+    model = TranscriptModel(recipe, vlm.get_input_embeddings().weight, transcript_vocabulary(recipe, layout), layout.fill_id,
+                            args.transcript_fill_weight, args.dense_weight, args.seed)
+    stage_args = VisionTrainingArguments(
+        output_dir=str(Path(args.output_dir) / "transcript"), connector_lr_scale=1.0, max_steps=args.transcript_steps,
+        per_device_train_batch_size=args.transcript_batch_size, learning_rate=args.transcript_learning_rate,
+        weight_decay=args.weight_decay, adam_beta2=args.adam_beta2, max_grad_norm=args.max_grad_norm, warmup_steps=100,
+        lr_scheduler_type="cosine", bf16=args.bf16, use_cpu=args.use_cpu, logging_steps=50, save_steps=250, save_total_limit=2,
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=args.dataloader_num_workers, seed=args.seed,
+        disable_tqdm=args.disable_tqdm,
+    )
+    dataset = TranscriptSet(recipe, layout, args.transcript_steps * args.transcript_batch_size, patches, args.seed)
+    log(f"[{recipe.name}] stage 1: {args.transcript_steps} steps x {args.transcript_batch_size} fresh scenes, image tokens -> "
+        f"transcripts ({layout.count_width} + {layout.slots} x {layout.object_width} tokens + background), dense targets at vision layer {model.middle_layer}")
+    trainer = VisionTrainer(model=model, args=stage_args, train_dataset=dataset)
+    resume = last_checkpoint(Path(stage_args.output_dir))
+    started = time.perf_counter()
+    implementation = recipe.vision.config._attn_implementation
+    recipe.vision.set_attn_implementation("eager")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        recipe.vision.set_attn_implementation(implementation)
+    accuracy = transcript_accuracy(model, recipe, layout)
+    log(f"[{recipe.name}] stage 1 done: held-out transcript words right {accuracy['word_accuracy']:.1%}, "
+        f"count + first object exact {accuracy['first_object_exact']:.1%}")
+    return {"steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": round(time.perf_counter() - started, 1),
+            "layout": dataclasses.asdict(layout), "middle_layer": model.middle_layer, **accuracy,
+            "log_history": [h for h in trainer.state.log_history if "loss" in h]}
+
+
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Freeze `module` and swap its parameters' data to `dtype`; the originals are returned for `restore_frozen`.
 
@@ -458,16 +619,24 @@ def train_vision(
     Returns a summary: steps, wall time, the last logged losses and the log history."""
     import time
 
+    transcript = train_transcript(vlm, recipe, args, log) if args.transcript_steps > 0 else None
     dataset = VisionTrainingSet(recipe, scene_examples, args)
     counts = dataset.counts()
     log(f"[{recipe.name}] {len(dataset):,} training slots: {counts['response']:,} of {len(dataset.responses):,} responses, "
         f"{counts['easy-vqa']:,} easy-VQA questions (of {len(dataset.questions):,}), {counts['caption']:,} captions of fresh scenes")
     wrapper = VisionTrainingModel(vlm, recipe, seed=args.seed)
-    wrapper.probe_weight, wrapper.anchor_weight = args.probe_weight, args.anchor_weight
+    wrapper.probe_weight = args.probe_weight
     if args.init_weights:
         from safetensors.torch import load_file
 
-        wrapper.load_state_dict(load_file(args.init_weights))
+        tensors = load_file(args.init_weights)
+        if any(k.startswith("probe_") for k in tensors):  # a checkpoint of this loop
+            wrapper.load_state_dict(tensors)
+        else:  # vision tower + connector only (e.g. a stage-1 result): the probe heads start fresh
+            towers = {k for k in wrapper.trainable_names() if not k.startswith("probe_")}
+            if missing := sorted(towers - set(tensors)):
+                raise ValueError(f"{args.init_weights} lacks {len(missing)} vision/connector tensors, e.g. {missing[:3]}")
+            super(VisionTrainingModel, wrapper).load_state_dict({k: tensors[k] for k in towers}, strict=False)
         log(f"[{recipe.name}] starting from the trained tensors of {args.init_weights}")
     originals = cast_frozen(recipe.text_model, torch.bfloat16)
     head = vlm.get_output_embeddings()
@@ -507,13 +676,18 @@ def train_vision(
         "final_token_accuracy": mean("token_accuracy"),
         "final_probe_loss": mean("probe_loss"),
         "log_history": history,
+        "transcript_stage": transcript,
         "arguments": {k: v for k, v in json.loads(args.to_json_string()).items() if k in _RECORDED_ARGUMENTS},
     }
 
 
 _RECORDED_ARGUMENTS = (
     "max_steps", "per_device_train_batch_size", "learning_rate", "weight_decay", "adam_beta2", "warmup_steps", "lr_scheduler_type",
-    "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "anchor_weight", "init_weights", "probe_scenes_per_step",
+    "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "init_weights", "probe_scenes_per_step",
+    "transcript_steps", "transcript_batch_size", "transcript_learning_rate", "transcript_fill_weight", "dense_weight",
 )
 
-__all__ = ["VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet", "train_vision"]
+__all__ = [
+    "TranscriptModel", "TranscriptSet", "VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet",
+    "train_transcript", "train_vision",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import pytest
 import test_gemma3_reference as gemma3_tests
@@ -162,26 +163,49 @@ def test_probe_only_scenes_are_fresh_training_scenes_and_reach_the_probe(target,
     assert with_extra != without
 
 
-def test_anchor_loss_pulls_object_tokens_towards_their_colour_and_shape_words(target, tmp_path):
+def test_transcript_layout_puts_every_object_slot_at_a_fixed_offset():
+    from hf_dream.reference.transcripts import TranscriptLayout, count_phrase
+
+    words = {}
+    text_ids = lambda text: [words.setdefault(w, len(words)) for w in re.findall(r" ?[^ ,.:]+|[,.:]| ", text)]  # noqa: E731 - word-level
+    layout = TranscriptLayout.for_tokenizer(text_ids, 64)
+    assert layout.count_width == len(text_ids(count_phrase(2)))
+    for seed in range(40):
+        scene = scene_from_seed(seed)
+        ids = layout.ids(text_ids, scene)
+        assert len(ids) == 64
+        for k, obj in enumerate(scene.objects):
+            start = layout.count_width + k * layout.object_width
+            piece = text_ids(f" a {obj.size} {obj.color} {obj.shape} {obj.place}")
+            assert ids[start : start + len(piece)] == piece  # slot k holds object k, wherever the others end
+    assert layout.slots == 4
+    short = TranscriptLayout.for_tokenizer(text_ids, 20)  # a block too short for every slot: fewer slots, cut at its length
+    assert short.slots == 1 and len(short.ids(text_ids, scene_from_seed(3))) == 20
+
+
+def test_scene_object_map_marks_the_patches_each_object_covers():
+    scene = next(s for s in map(scene_from_seed, range(100)) if len(s.objects) == 2 and all(o.size == "large" for o in s.objects))
+    owner = torch.tensor(scene.object_map(16))
+    for k, obj in enumerate(scene.objects):
+        rows, cols = (owner == k + 1).nonzero(as_tuple=True)
+        assert len(rows) >= 6  # a large object covers many patches
+        cell_x, cell_y = obj.cell
+        assert abs(cols.float().mean().item() / 16 * 3 - (cell_x + 0.5)) < 0.5  # ... around its own cell
+        assert abs(rows.float().mean().item() / 16 * 3 - (cell_y + 0.5)) < 0.5
+    assert (owner == 0).sum() > 100
+
+
+def test_stage_one_trains_the_image_tokens_towards_the_transcript(target, tmp_path, monkeypatch):
+    from hf_dream.reference import vision_training
+
     name, model, processor, recipe = target
-    dataset = VisionTrainingSet(recipe, responses(2), args(tmp_path, vqa_fraction=0.0, caption_fraction=0.0))
-    batch = collate(recipe, [dataset[0], dataset[1]])
-    wrapper = VisionTrainingModel(model, recipe)
-    cells, side = batch["probe_cells"], 8
-    words = torch.zeros(2, side * side, wrapper.anchor_colors.shape[1])
-    occupied = torch.zeros(2, side * side, dtype=torch.bool)
-    for row in range(2):
-        for r in range(side):
-            for c in range(side):
-                shape, color = cells[row, (r * GRID // side) * GRID + c * GRID // side].tolist()
-                if shape < len(PROBE_SHAPES):
-                    occupied[row, r * side + c] = True
-                    words[row, r * side + c] = wrapper.anchor_colors[color] if c % 2 == 0 else wrapper.anchor_shapes[shape]
-    assert occupied.any() and not occupied.all()
-    assert wrapper.anchor_loss(3.0 * words, cells, side).item() == pytest.approx(0.0, abs=1e-5)  # scale-free: cosine
-    swapped = words.clone()
-    swapped[occupied] = torch.randn(int(occupied.sum()), words.shape[-1])
-    assert wrapper.anchor_loss(swapped, cells, side).item() > 0.5
-    empty_only = words.clone()
-    empty_only[~occupied] = torch.randn(int((~occupied).sum()), words.shape[-1])  # empty cells are free
-    assert wrapper.anchor_loss(empty_only, cells, side).item() == pytest.approx(0.0, abs=1e-5)
+    monkeypatch.setattr(vision_training, "TRANSCRIPT_EVAL_SEEDS", range(4))
+    run = args(tmp_path, transcript_steps=3, transcript_batch_size=2, dataloader_num_workers=0)
+    before = {k: v.clone() for k, v in recipe.vision.state_dict().items()}
+    record = vision_training.train_transcript(model, recipe, run, log=lambda message: None)
+    assert record["steps"] == 3 and 0.0 <= record["word_accuracy"] <= 1.0
+    assert any(not torch.equal(before[k], v) for k, v in recipe.vision.state_dict().items())
+    assert (tmp_path / "run" / "transcript" / "checkpoint-3").is_dir()
+    again = vision_training.train_transcript(model, recipe, run, log=lambda message: None)  # complete: resumes, trains no more
+    assert again["resumed_from"].endswith("checkpoint-3") and again["steps"] == 3
+

@@ -56,13 +56,14 @@ class DreamMultimodalRotaryEmbedding(LlamaRotaryEmbedding):
 
     def __init__(self, config: LlamaConfig, mrope_section: list[int], interleaved: bool):
         super().__init__(config)
+        # the position axis of every frequency: a plain list (no buffer, which loading would leave uninitialised)
         if interleaved:
-            axis = torch.zeros(sum(mrope_section), dtype=torch.long)
+            axis = [0] * sum(mrope_section)
             for index in (1, 2):
-                axis[index : 3 * mrope_section[index] : 3] = index
+                axis[index : 3 * mrope_section[index] : 3] = [index] * mrope_section[index]
         else:
-            axis = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
-        self.register_buffer("frequency_axis", axis, persistent=False)
+            axis = [index for index, count in enumerate(mrope_section) for _ in range(count)]
+        self.frequency_axis = axis
 
     @torch.no_grad()
     def forward(self, x, position_ids):
@@ -70,7 +71,7 @@ class DreamMultimodalRotaryEmbedding(LlamaRotaryEmbedding):
             position_ids = position_ids[None].expand(3, -1, -1)
         with torch.autocast(device_type=x.device.type if x.device.type != "mps" else "cpu", enabled=False):
             freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (3, batch, seq, dim / 2)
-            axis = self.frequency_axis.to(x.device)
+            axis = torch.tensor(self.frequency_axis, device=x.device)
             freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling

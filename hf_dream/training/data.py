@@ -28,9 +28,11 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+# Per-token types some families take beside input_ids (Gemma3: image tokens; Qwen-VL: text 0, image 1, video 2).
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 # Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+SEQUENCE_KEYS = ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 
 
 def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -83,8 +85,9 @@ class DreamDataCollator:
         for row in rows:
             sample = {key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")}
             sample["input_ids"] = sample["input_ids"].reshape(1, -1)
-            if "token_type_ids" in sample:
-                sample["token_type_ids"] = sample["token_type_ids"].reshape(1, -1)
+            for key in TOKEN_TYPE_KEYS:
+                if key in sample:
+                    sample[key] = sample[key].reshape(1, -1)
             samples.append(sample)
         batch = collate_model_inputs(samples, "right", self.pad_token_id)
         batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
@@ -130,8 +133,9 @@ def regenerate_batch(model, encoded: list[dict], max_new_tokens: int, pad_token_
         row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
         row["input_ids"] = prompt + response
         row["prompt_length"] = len(prompt)
-        if "token_type_ids" in sample:
-            row["token_type_ids"] = sample["token_type_ids"].reshape(-1).tolist() + [0] * len(response)
+        for key in TOKEN_TYPE_KEYS:  # response tokens are text
+            if key in sample:
+                row[key] = torch.as_tensor(sample[key]).reshape(-1).tolist() + [0] * len(response)
         rows.append(row)
     return rows
 

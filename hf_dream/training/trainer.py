@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..features import read_teacher
 from ..modeling_dream import DreamDraftModel
-from .data import DreamDataCollator, response_mask
+from .data import TOKEN_TYPE_KEYS, DreamDataCollator, response_mask
 from .losses import dream_losses, top1_agreement
 
 MID_SUPERVISION = ("entropy", "static", "none")
@@ -139,11 +139,15 @@ class DreamTrainer(Trainer):
         features = teacher.features
         if self.args.feature_noise > 0 and model.training:
             features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
+        # the target's own rotary positions of the kept tokens (3-D for M-RoPE; the index itself for 1-D targets)
+        rotary = self.adapter.rotary_position_ids(inputs["input_ids"], inputs["attention_mask"], inputs)
+        rotary = rotary.to(positions.device).gather(2, positions[None].expand(rotary.shape[0], -1, -1))
         draft = model(
             inputs_embeds=_gather(teacher.input_embeds, positions),
             position_ids=positions,
             target_features=features,
             attention_mask=slot_mask.long(),
+            rotary_position_ids=rotary,
         )
         mask = slot_mask & torch.gather(response_mask(inputs), 1, positions)
         gathered = {
@@ -214,7 +218,7 @@ def prompt_inputs(row: dict, device) -> dict:
         if key in ("prompt_length", "source_index"):
             continue
         tensor = torch.as_tensor(value)
-        if key in ("input_ids", "token_type_ids"):
+        if key in ("input_ids", *TOKEN_TYPE_KEYS):
             tensor = tensor.reshape(1, -1)[:, :length]
         inputs[key] = tensor.to(device)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

@@ -13,6 +13,7 @@ with it)."""
 from __future__ import annotations
 
 import copy
+import functools
 import random
 
 import pytest
@@ -197,6 +198,28 @@ def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fu
     output = run(mode, target, inputs, drafter, **greedy)
     assert torch.equal(output, target.generate(**inputs, **greedy))
     check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_image_as_the_first_prompt_token(mode, family):
+    """The prompt starts with an image placeholder (with M-RoPE every later token then sits at a
+    position offset from its sequence index): greedy output is plain greedy output, in a batch too,
+    next to a prompt with text first."""
+    target = cached_target(family)
+    rows = [make_tiny_inputs(target, seed=1, image_first=True)]
+    if mode in BATCH_MODES:
+        rows.append(make_tiny_inputs(target, seed=2, text_len_before=3))
+    inputs = stack_tiny_inputs(target, rows) if len(rows) > 1 else rows[0]
+    width = inputs["input_ids"].shape[1]
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    reference = target.generate(**inputs, **greedy)
+    if mode in BATCH_MODES:
+        assert_rows_match(reference, width, new_tokens_alone(target, rows, **greedy), target.tiny_spec.pad_token_id)
+    drafter = mode_oracle(target, row_sequences(rows, reference, width), num_draft_tokens=3)
+    output = run(mode, target, inputs, drafter, **greedy)
+    assert torch.equal(output, reference)
+    check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)
+    assert drafter.last_stats["acceptance_length"] > 1.2
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -673,12 +696,21 @@ GENERATE_KWARGS = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
 SAMPLING_TREE = dict(tree_top_k=3, tree_depth=3, tree_total_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def sampling_target():
-    target = build_tiny_target("llava", seed=11, vocab_size=VOCAB)
+SAMPLING_FAMILIES = ["llava", "qwen2_5_vl", "qwen3_vl"]  # 1-D rotary, and both M-RoPE layouts (image-first prompts)
+M_ROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@functools.cache
+def build_sampling_target(family: str):
+    target = build_tiny_target(family, seed=11, vocab_size=VOCAB)
     with torch.no_grad():  # peaked, image-dependent distributions make the test sharp
         target.lm_head.weight.mul_(40.0)
     return target
+
+
+@pytest.fixture(scope="module")
+def sampling_target():
+    return build_sampling_target("llava")
 
 
 def exact_token_marginals(target, inputs, kwargs):
@@ -690,8 +722,8 @@ def exact_token_marginals(target, inputs, kwargs):
     processors = target._get_logits_processor(config, input_ids_seq_length=inputs["input_ids"].shape[1])
 
     def next_probs(prefixes):
-        batch = prefixes.shape[0]
-        repeated = {"input_ids": prefixes, "attention_mask": torch.ones_like(prefixes), "pixel_values": inputs["pixel_values"].repeat(batch, 1, 1, 1)}
+        # one row per prefix, with the prompt's images (and token types) as the family batches them
+        repeated = stack_tiny_inputs(target, [dict(inputs, input_ids=prefix[None], attention_mask=torch.ones_like(prefix)[None]) for prefix in prefixes])
         with torch.no_grad():
             logits = target(**repeated).logits[:, -1].float()
         return processors(prefixes, logits).softmax(-1)
@@ -734,6 +766,8 @@ def sampling_case(mode, target, draft_vocab_size=None):
     if mode in BATCH_MODES:
         pair = make_tiny_inputs(target, seed=6, batch_size=2)
         prompts = [tiny_inputs_row(target, pair, r) for r in range(2)]
+    if target.tiny_spec.family in M_ROPE_FAMILIES:  # an image as the very first token: positions after it are offset
+        prompts[0] = make_tiny_inputs(target, seed=6, image_first=True)
     # 4 new tokens: tokens 2 and 3 come from acceptances, sibling tries, residual draws and bonus tokens
     kwargs = dict(GENERATE_KWARGS, suppress_tokens=sorted(target.tiny_spec.special_token_ids), max_new_tokens=4 if mode != "chain" else 3)
     marginals = [exact_token_marginals(target, prompt, kwargs) for prompt in prompts]
@@ -770,7 +804,11 @@ def sample(mode, target, prompts, kwargs, drafter):
 
 
 @pytest.mark.parametrize("mode, draft_vocab_size", [("chain", None), ("chain", 12), ("tree", None), ("batch", None), ("batched_tree", None)])
-def test_sampling_distribution_matches_plain_sampling(mode, draft_vocab_size, sampling_target):
+@pytest.mark.parametrize("sampling_family", SAMPLING_FAMILIES)
+def test_sampling_distribution_matches_plain_sampling(mode, draft_vocab_size, sampling_family):
+    if draft_vocab_size and sampling_family != "llava":
+        pytest.skip("the reduced vocabulary is family-independent: tested on llava")
+    sampling_target = build_sampling_target(sampling_family)
     prompts, kwargs, marginals, drafter = sampling_case(mode, sampling_target, draft_vocab_size)
     for p2, p3 in marginals:
         assert p2.max() < 0.9 and p3.max() < 0.9  # the drafts really get rejected sometimes

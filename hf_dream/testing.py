@@ -6,7 +6,9 @@ weights (deterministic for a given ``seed``), in ``eval()`` mode and float32.
 Public API
 ----------
 ``SUPPORTED_TINY_FAMILIES``
-    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3")``
+    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3", "qwen2_5_vl", "qwen3_vl")``
+``MROPE_TINY_FAMILIES``
+    ``("qwen2_5_vl", "qwen3_vl")``: 3-D rotary positions (M-RoPE) and video inputs.
 ``build_tiny_target(family, seed=0, vocab_size=None, attn_implementation="sdpa")``
     Returns a ``transformers.PreTrainedModel`` (a ``*ForConditionalGeneration``).
     The model carries a :class:`TinyVLMSpec` as ``model.tiny_spec`` describing its
@@ -15,11 +17,12 @@ Public API
     A fast tokenizer for the model's ids: id ``i`` is one character (``a-z A-Z 0-9``,
     then Greek and Cyrillic letters), so ``stop_strings`` can be matched on the
     tiny models' output.
-``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1)``
+``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1, num_videos=0, image_first=False)``
     Returns kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``. Rows
-    are ``[bos] text_before <image block>*num_images text_after``; with
-    ``batch_size > 1`` row ``r`` gets ``r`` extra text tokens before and after
-    the images and the batch is LEFT padded with the pad id.
+    are ``[bos] text_before <image block>*num_images <video block>*num_videos text_after``
+    (no bos for Qwen; videos for Qwen only); with ``batch_size > 1`` row ``r`` gets ``r``
+    extra text tokens before and after the images and the batch is LEFT padded with the
+    pad id. ``image_first``: the very first token is an image placeholder.
 
 Token-id layout (default ``vocab_size=256``, ``V`` = text vocab size)
 --------------------------------------------------------------------
@@ -40,6 +43,8 @@ pixtral     11     1      2      image=10, image_break=12, image_end=13 (as real
 idefics3    0      1      2      image=V-1, fake_token_around_image=V-2, global_img=V-3,
                                  end_of_utterance=V-4 (eos stays 2)
 gemma3      0      2(*)   1(*)   image=V (OOV!), boi=V-2, eoi=V-1      (*) as real Gemma3
+qwen2_5_vl  0      (1)    2      image=V-1, video=V-2, vision_start=V-3, vision_end=V-4 (no bos in prompts)
+qwen3_vl    0      (1)    2      same as qwen2_5_vl; its eos row is zeroed too (never emitted)
 ==========  =====  =====  =====  ======================================================
 
 Attribute paths in transformers 5.24 (``m`` = the returned model)
@@ -63,6 +68,21 @@ only at prefill (``transformers.generation.utils.MULTIMODAL_INPUTS_TO_DROP_OUTSI
 and gemma3's ``prepare_inputs_for_generation`` drops ``token_type_ids`` after it.
 Batched left-padded greedy generation matches per-row unpadded generation
 token-for-token for all five families (checked in tests/test_testing.py).
+
+* qwen2_5_vl / qwen3_vl (``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration``)
+    - decoder layers:   ``m.model.language_model.layers``; rotary ``m.model.language_model.rotary_emb``
+      (M-RoPE: takes ``(3, batch, seq)`` position ids; ``mrope_section`` [2, 3, 3] chunked for
+      qwen2_5_vl, [4, 2, 2] interleaved for qwen3_vl)
+    - lm_head ``m.lm_head`` (untied); ``m.config.image_token_id`` / ``video_token_id``
+    - inputs: ``pixel_values`` are flattened patches ``(patches, 3 * 2 * 4 * 4)`` with
+      ``image_grid_thw`` ``(images, 3)`` in patches (grids (1, 4, 8) and (1, 6, 4), cycled: 8 and 6
+      tokens after the 2x2 merge); videos ``pixel_values_videos`` / ``video_grid_thw`` (2, 4, 4):
+      8 tokens in one block (qwen2_5_vl) or two frames of 4, each after a timestamp text token
+      (qwen3_vl, as its processor lays them out); ``mm_token_type_ids`` (0 text, 1 image, 2 video)
+      is what ``get_rope_index`` reads. Image block ``<vision_start> <image>*n <vision_end>``.
+    - generate() computes ``position_ids`` of shape ``(4, batch, seq)`` (a text axis, then t, h, w)
+      and extends them by +1 per axis per new token.
+    - qwen3_vl: four text layers, deepstack injects one vision layer's features after text layer 0.
 
 Helpers: :func:`image_token_counts` (placeholders per row in ``input_ids``),
 :func:`image_feature_counts` (feature vectors per row from the model's own
@@ -546,7 +566,8 @@ def build_tiny_target(
             # placeholder -- that would break a later forward over
             # prompt+generated tokens with pixel_values (count mismatch).
             # (gemma3 is tied; its image id is out of vocab so can't be emitted.)
-            rows = [t for t in spec.special_token_ids if t != spec.eos_token_id and t < V]
+            # qwen3_vl: eos too, or the random model stops at once on a two-image prompt (tests pick their own eos ids)
+            rows = [t for t in spec.special_token_ids if (t != spec.eos_token_id or family == "qwen3_vl") and t < V]
             with torch.no_grad():
                 model.lm_head.weight[rows] = 0.0
     model.eval()
@@ -894,6 +915,10 @@ def image_feature_counts(model, inputs: dict) -> list[int]:
         return [0] * bsz
     pv = inputs["pixel_values"]
     inner = model.model
+    if spec.family in MROPE_TINY_FAMILIES:  # images only (videos are counted by their own placeholders)
+        per_image = [int(f.shape[0]) for f in inner.get_image_features(pv, inputs["image_grid_thw"]).pooler_output]
+        n = len(per_image) // bsz
+        return [sum(per_image[r * n : (r + 1) * n]) for r in range(bsz)]
     if spec.family == "idefics3":
         feats = inner.get_image_features(pv, inputs.get("pixel_attention_mask")).pooler_output
         return [int(f.shape[0]) for f in feats]  # already one entry per row

@@ -696,15 +696,20 @@ GENERATE_KWARGS = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
 SAMPLING_TREE = dict(tree_top_k=3, tree_depth=3, tree_total_tokens=8)
 
 
-SAMPLING_FAMILIES = ["llava", "qwen2_5_vl", "qwen3_vl"]  # 1-D rotary, and both M-RoPE layouts (image-first prompts)
 M_ROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+# 1-D rotary, and both M-RoPE layouts (with image-first prompts; ~1 min per mode each on a CPU: slow)
+SAMPLING_FAMILIES = ["llava", *(pytest.param(family, marks=pytest.mark.slow) for family in M_ROPE_FAMILIES)]
+LOGIT_SCALE = {"qwen3_vl": 3.0}  # its tiny text model is initialised wider (std 0.15): x40 would leave one token
+# the chain's random drafter opens its cross-attention to disagree with the target; on qwen2_5_vl's peaked
+# distributions an open gate then never proposes an acceptable token (no acceptance in 800 samples)
+CHAIN_DRAFTER_GATE = {"qwen2_5_vl": 0.0}
 
 
 @functools.cache
 def build_sampling_target(family: str):
     target = build_tiny_target(family, seed=11, vocab_size=VOCAB)
     with torch.no_grad():  # peaked, image-dependent distributions make the test sharp
-        target.lm_head.weight.mul_(40.0)
+        target.lm_head.weight.mul_(LOGIT_SCALE.get(family, 40.0))
     return target
 
 
@@ -780,7 +785,7 @@ def sampling_case(mode, target, draft_vocab_size=None):
         if draft_vocab_size:  # tokens outside the draft vocabulary have q = 0: still lossless
             drafter.set_draft_vocab(torch.arange(8, 8 + draft_vocab_size))
         with torch.no_grad():  # a drafter that really disagrees with the target
-            drafter.cross_block.attn_gate.fill_(1.0)
+            drafter.cross_block.attn_gate.fill_(CHAIN_DRAFTER_GATE.get(target.tiny_spec.family, 1.0))
     return prompts, kwargs, marginals, drafter
 
 

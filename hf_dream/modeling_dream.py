@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from transformers.utils import ModelOutput
 
 from .configuration_dream import DECODING_OPTION_NAMES, DreamConfig
-from .targets import TargetAdapter, get_target_adapter
+from .targets import TargetAdapter, get_target_adapter, position_ids_for_model
 
 
 def _decoder_config(config: DreamConfig, num_layers: int) -> LlamaConfig:
@@ -484,9 +484,7 @@ class DreamDraftModel(DreamPreTrainedModel):
         if self.fusion_proj is not None:
             hidden_states = self.fusion_proj(torch.cat([hidden_states, self._previous_features(memory, position_ids)], -1))
         rotary = position_ids if rotary_position_ids is None else rotary_position_ids
-        if rotary.ndim == 3 and self.config.mrope_section is None:  # one axis
-            rotary = rotary[0]
-        position_embeddings = self.rotary_emb(hidden_states, rotary)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids_for_model(rotary) if rotary.ndim == 3 else rotary)
         self_mask = self._self_attention_mask(batch, length, past, attention_mask, hidden_states.device)
         block_kwargs = dict(attention_mask=self_mask, position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
 

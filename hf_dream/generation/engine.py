@@ -293,7 +293,7 @@ def tree_depths(trees: list[DraftTree]) -> torch.LongTensor:
 def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.LongTensor, last_layer: int) -> Verification:
     """Run every row's root and drafted nodes through the target in one forward.
 
-    `positions (axes, rows, n)` (or `(rows, n)`) are the target's positions of the nodes, laid out
+    `positions (axes, rows, n)` are the target's positions of the nodes, laid out
     as [`tree_depths`]: the root's position plus the node's depth on every axis
     ([`DrafterState.verify_positions`]), so siblings share a position, exactly as they would in the
     sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
@@ -313,7 +313,7 @@ def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.L
     outputs = model(
         input_ids=tokens,
         attention_mask=mask,
-        position_ids=position_ids_for_model(positions[None] if positions.ndim == 2 else positions),
+        position_ids=position_ids_for_model(positions),
         cache=cache.cache,
         use_cache=True,
         output_hidden_states=[last_layer],

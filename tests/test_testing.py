@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_dream.testing import (
+    MROPE_TINY_FAMILIES,
     SUPPORTED_TINY_FAMILIES,
     build_tiny_target,
     image_feature_counts,
@@ -104,6 +105,9 @@ def test_forward_and_image_token_count(tiny):
         assert (ids == spec.start_image_token_id).sum(-1).tolist() == (ids == spec.end_image_token_id).sum(-1).tolist() == [2, 2]
     if family == "idefics3":
         assert (ids == spec.fake_image_token_id).sum(-1).tolist() == [4, 4]
+    if family in MROPE_TINY_FAMILIES:
+        assert n_tok == [8 + 6] * 2 and inputs["image_grid_thw"].tolist() == [[1, 4, 8], [1, 6, 4]] * 2
+        assert torch.equal(inputs["mm_token_type_ids"], (ids == spec.image_token_id).int())
 
     with torch.no_grad():
         out = model(**inputs)
@@ -156,7 +160,7 @@ def test_full_forward_reproduces_greedy(tiny):
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     for key in ("token_type_ids", "mm_token_type_ids"):
         if key in inputs:
-            full[key] = torch.cat([inputs[key], torch.zeros_like(gen)], 1)
+            full[key] = torch.cat([inputs[key], torch.zeros_like(gen, dtype=inputs[key].dtype)], 1)
     if family == "gemma4":  # tied lm_head: only the placeholder rows are zeroed, so no placeholder is emitted
         assert not {spec.image_token_id, spec.video_token_id} & set(gen[0].tolist())
     with torch.no_grad():

@@ -237,7 +237,9 @@ class TargetAdapter:
         return default_entropy_candidate_layers(self.num_hidden_layers)
 
     # --- positions ---------------------------------------------------------------------------
-    def rotary_position_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, model_inputs: dict) -> torch.LongTensor:
+    def rotary_position_ids(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, model_inputs: dict
+    ) -> torch.LongTensor:
         """`(axes, rows, width)`: the position ids the target's own forward uses for `input_ids` when it
         is given none (1-D: the index among each row's real tokens, as generate() builds them).
         `model_inputs`: the target's other inputs (images, grids, token types)."""
@@ -423,8 +425,14 @@ class _QwenVLAdapter(_VideoPlaceholderMixin, TargetAdapter):
         token_types = model_inputs.get("mm_token_type_ids")
         if token_types is None or all(grid is None for grid in grids.values()):  # text only: 1-D positions on every axis
             return super().rotary_position_ids(input_ids, attention_mask, model_inputs)
-        extra = {"second_per_grid_ts": model_inputs["second_per_grid_ts"]} if model_inputs.get("second_per_grid_ts") is not None else {}
-        positions, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=token_types, attention_mask=attention_mask, **grids, **extra)
+        extra = (
+            {"second_per_grid_ts": model_inputs["second_per_grid_ts"]}
+            if model_inputs.get("second_per_grid_ts") is not None
+            else {}
+        )
+        positions, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_types, attention_mask=attention_mask, **grids, **extra
+        )
         return positions
 
 

@@ -1,16 +1,13 @@
-"""The Qwen-VL target adapters: registration, visual tokens, M-RoPE sizing from the public configs, and
-Qwen3-VL's entropy candidates after its deepstack injections."""
+"""The Qwen-VL target adapters (registration and video tokens: tests/test_targets.py): M-RoPE sizing
+from the public configs, and Qwen3-VL's entropy candidates after its deepstack injections."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import cached_target
 
 from hf_dream import DreamDraftModel
 from hf_dream.hub.sizing import dream_config_from_target_config
-from hf_dream.targets import get_target_adapter, supported_families
-from hf_dream.testing import make_tiny_inputs
 
 # public config.json values (text parts) of Qwen2.5-VL-7B-Instruct and Qwen3-VL-8B-Instruct
 QWEN2_5_VL_7B = {
@@ -28,20 +25,6 @@ QWEN3_VL_8B = {
     },
     "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "out_hidden_size": 4096},
 }
-
-
-def test_the_qwen_families_are_supported_and_an_unknown_model_still_lists_them():
-    assert {"qwen2_5_vl", "qwen3_vl"} <= set(supported_families())
-    with pytest.raises(ValueError, match="Supported families: .*qwen2_5_vl, qwen3_vl"):
-        get_target_adapter(torch.nn.Linear(2, 2))
-
-
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_video_placeholders_are_visual_tokens(family):
-    target = cached_target(family)
-    inputs = make_tiny_inputs(target, seed=1, num_videos=1)
-    mask = get_target_adapter(target).image_token_mask(inputs["input_ids"])
-    assert torch.equal(mask, inputs["mm_token_type_ids"] > 0) and bool((inputs["mm_token_type_ids"] == 2).any())
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def ragged_rows(target, image_first: bool = False) -> list[dict]:
 
 def case(mode: str, target, image_first: bool = False) -> tuple[dict, list[dict]]:
     """The inputs of a mode (one prompt, or a ragged batch of three) and its rows, each alone;
-    `image_first`: the (first) prompt's very first token is an image token or its image block's opening token."""
+    `image_first`: the (first) prompt's very first token is an image placeholder."""
     if mode in BATCH_MODES:
         rows = ragged_rows(target, image_first)
     else:
@@ -174,8 +174,8 @@ def test_greedy_output_is_plain_greedy_output(mode, family, image_first):
     target = cached_target(family)
     inputs, rows = case(mode, target, image_first)
     spec = target.tiny_spec
-    if image_first:  # no bos, no text: the image block opens the prompt (llava-style families: an image token)
-        assert all(int(row["input_ids"][0, 0]) in set(spec.special_token_ids) - {spec.bos_token_id} for row in rows[:2])
+    if image_first:  # no bos, no text, no opening delimiter: an image placeholder opens the prompt
+        assert all(int(row["input_ids"][0, 0]) == spec.image_token_id for row in rows[:2])
     greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     reference = target.generate(**inputs, **greedy)
     if mode in BATCH_MODES:  # plain batching is exact here: each row as its prompt alone

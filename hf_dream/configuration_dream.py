@@ -36,6 +36,12 @@ class DreamConfig(PreTrainedConfig):
         max_position_embeddings (`int`): Longest sequence the rotary embedding is sized for.
         rope_theta (`float`): Base of the rotary embedding of the draft self-attention (the
             cross-attention uses no rotary embedding).
+        mrope_section (`list[int]`, *optional*): For a target with multimodal rotary positions
+            (M-RoPE: Qwen2.5-VL, Qwen3-VL), how many rotary frequencies follow each position axis
+            (temporal, height, width), copied from the target's text config; the drafter's rotary
+            then takes the target's own 3-D position ids. `None`: 1-D rotary positions.
+        mrope_interleaved (`bool`): With `mrope_section`: the axes' frequencies interleave
+            (t, h, w, t, h, w, ...: Qwen3-VL) instead of following in consecutive chunks (Qwen2.5-VL).
         attention_bias (`bool`): Whether the draft attention projections have a bias.
         initializer_range (`float`): Std of the normal initialisation of draft weights.
         fusion (`str`): How target features enter the drafter. `"cross_attention"` is DREAM:
@@ -87,6 +93,8 @@ class DreamConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool = False
     attention_bias: bool = False
     initializer_range: float = 0.02
     fusion: str = "cross_attention"
@@ -117,6 +125,11 @@ class DreamConfig(PreTrainedConfig):
             raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"`draft_vocab_size` must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}.")
+        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.head_dim:
+            raise ValueError(
+                f"`mrope_section` {self.mrope_section} must split the rotary's head_dim / 2 = {self.head_dim // 2} "
+                f"frequencies (its sum is {sum(self.mrope_section)})."
+            )
         if self.entropy_candidate_layers is None and self.target_num_hidden_layers:
             self.entropy_candidate_layers = default_entropy_candidate_layers(self.target_num_hidden_layers)
         super().__post_init__(**kwargs)

@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from transformers.utils import ModelOutput
 
 from .configuration_dream import DECODING_OPTION_NAMES, DreamConfig
-from .targets import TargetAdapter, get_target_adapter
+from .targets import TargetAdapter, get_target_adapter, position_ids_for_model
 
 
 def _decoder_config(config: DreamConfig, num_layers: int) -> LlamaConfig:
@@ -45,6 +45,37 @@ def _decoder_config(config: DreamConfig, num_layers: int) -> LlamaConfig:
     )
     decoder_config._attn_implementation = "sdpa"
     return decoder_config
+
+
+class DreamMultimodalRotaryEmbedding(LlamaRotaryEmbedding):
+    """Rotary embedding over 3-D positions (M-RoPE: temporal, height, width), as the target's: every
+    rotary frequency takes its angle from one position axis, `mrope_section[a]` frequencies per axis
+    `a`, in consecutive chunks (Qwen2-VL, Qwen2.5-VL) or interleaved t, h, w, t, h, w, ... with the
+    remainder on t (Qwen3-VL). Takes `(3, batch, seq)` position ids, or `(batch, seq)` for positions
+    equal on every axis (text)."""
+
+    def __init__(self, config: LlamaConfig, mrope_section: list[int], interleaved: bool):
+        super().__init__(config)
+        # the position axis of every frequency: a plain list (no buffer, which loading would leave uninitialised)
+        if interleaved:
+            axis = [0] * sum(mrope_section)
+            for index in (1, 2):
+                axis[index : 3 * mrope_section[index] : 3] = [index] * mrope_section[index]
+        else:
+            axis = [index for index, count in enumerate(mrope_section) for _ in range(count)]
+        self.frequency_axis = axis
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        if position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        with torch.autocast(device_type=x.device.type if x.device.type != "mps" else "cpu", enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (3, batch, seq, dim / 2)
+            axis = torch.tensor(self.frequency_axis, device=x.device)
+            freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
 @dataclass
@@ -294,7 +325,10 @@ class DreamDraftModel(DreamPreTrainedModel):
         # block is replaced by a decoder block so both variants have the same depth).
         num_cached = 2 if is_cross else 3
         self.decoder_config = _decoder_config(config, num_cached)
-        self.rotary_emb = LlamaRotaryEmbedding(self.decoder_config)
+        if config.mrope_section is None:
+            self.rotary_emb = LlamaRotaryEmbedding(self.decoder_config)
+        else:
+            self.rotary_emb = DreamMultimodalRotaryEmbedding(self.decoder_config, config.mrope_section, config.mrope_interleaved)
         self.fusion_proj = None if is_cross else nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.initial_block = LlamaDecoderLayer(self.decoder_config, layer_idx=0)
         # EAGLE convention: the first block sees raw embeddings, no input norm.
@@ -338,6 +372,9 @@ class DreamDraftModel(DreamPreTrainedModel):
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
+            mrope_section=adapter.mrope_section,
+            mrope_interleaved=adapter.mrope_interleaved,
+            entropy_candidate_layers=adapter.entropy_candidate_layers(),
             **adapter.describe(),
         )
         values.update(overrides)
@@ -421,6 +458,7 @@ class DreamDraftModel(DreamPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         return_logits: bool = True,
+        rotary_position_ids: torch.LongTensor | None = None,
     ) -> DreamDraftOutput:
         r"""
         Args:
@@ -434,6 +472,10 @@ class DreamDraftModel(DreamPreTrainedModel):
                 (training: one entry per position).
             attention_mask (`(batch, past + seq)`, optional): 1 for real tokens, 0 for padding.
             cache (`DynamicCache`, optional): The drafter's self-attention cache.
+            rotary_position_ids (`(axes, batch, seq)` or `(batch, seq)`, optional): The target's own
+                position ids of the inputs for the rotary embedding (`TargetPositions`): 3-D for an
+                M-RoPE target (`config.mrope_section`). Default: `position_ids`, which is what a 1-D
+                target uses (left padding aside, which the drafter's rotary does not see).
         """
         if memory is None:
             memory = self.new_memory(target_features)
@@ -442,7 +484,8 @@ class DreamDraftModel(DreamPreTrainedModel):
         hidden_states = inputs_embeds.to(self.dtype)
         if self.fusion_proj is not None:
             hidden_states = self.fusion_proj(torch.cat([hidden_states, self._previous_features(memory, position_ids)], -1))
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        rotary = position_ids if rotary_position_ids is None else rotary_position_ids
+        position_embeddings = self.rotary_emb(hidden_states, position_ids_for_model(rotary) if rotary.ndim == 3 else rotary)
         self_mask = self._self_attention_mask(batch, length, past, attention_mask, hidden_states.device)
         block_kwargs = dict(attention_mask=self_mask, position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
 

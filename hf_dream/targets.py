@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .configuration_dream import default_entropy_candidate_layers
+
 TARGET_ADAPTERS: dict[str, list[type[TargetAdapter]]] = {}
 
 
@@ -56,6 +58,55 @@ class AttentionShape:
     head_dim: int
 
 
+@dataclass
+class TargetPositions:
+    """The target's own rotary position ids for a batch of prompts, and where every later token sits.
+
+    The one source of positions in decoding: the drafter's rotary embedding (prompt tokens, the visual
+    tokens kept after compression, drafted tokens, tree nodes) and the target's verification passes
+    both read them from here, so the drafter places every token exactly where the target does.
+
+    Args:
+        prompt: `(axes, rows, width)` position ids of every prompt column, laid out as `input_ids`
+            (left padding included; padding columns are never read). One axis for 1-D rotary
+            targets; three (temporal, height, width) for M-RoPE targets (Qwen2.5-VL, Qwen3-VL),
+            whose visual tokens get 3-D grid positions and whose text after an image continues
+            from the image's largest index.
+        deltas: `(axes, rows)`: the token at a row's (unpadded) sequence index `p`, from its prompt
+            length on, sits at position `p + deltas[:, row]` on every axis. This is generate()'s
+            own rule (the last prompt position plus one per token, per axis), so for M-RoPE it
+            holds the rope deltas (`0` for a 1-D target without explicit offsets).
+    """
+
+    prompt: torch.LongTensor
+    deltas: torch.LongTensor
+
+    @classmethod
+    def from_prompt(cls, prompt: torch.LongTensor, prompt_mask: torch.Tensor) -> TargetPositions:
+        """From the prompt's position ids `(axes, rows, width)` of left-padded prompts (`prompt_mask (rows, width)`)."""
+        return cls(prompt, prompt[..., -1] + 1 - prompt_mask.sum(dim=-1).to(prompt.device))
+
+    @property
+    def axes(self) -> int:
+        return self.prompt.shape[0]
+
+    def after_prompt(self, indices: torch.LongTensor, row: int | None = None) -> torch.LongTensor:
+        """`(axes, rows, n)` positions of tokens at unpadded sequence indices `indices (rows, n)` at or
+        after the prompt (every row of the batch, or `row` for every row of `indices`)."""
+        deltas = self.deltas if row is None else self.deltas[:, row : row + 1]
+        return indices[None] + deltas[..., None].to(indices.device)
+
+    def select_rows(self, rows: torch.LongTensor) -> TargetPositions:
+        """Only `rows`, in that order (finished rows leave the batch)."""
+        rows = rows.to(self.prompt.device)
+        return TargetPositions(self.prompt.index_select(1, rows), self.deltas.index_select(1, rows))
+
+
+def position_ids_for_model(positions: torch.LongTensor) -> torch.LongTensor:
+    """`(axes, rows, n)` positions as a target's (or the drafter's) forward takes them: `(rows, n)` for one axis."""
+    return positions[0] if positions.shape[0] == 1 else positions
+
+
 class TargetAdapter:
     """What hf-dream needs from a target VLM, independent of its family.
 
@@ -66,6 +117,10 @@ class TargetAdapter:
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
+    # rotary position axes: 1, or 3 for M-RoPE (temporal, height, width)
+    rotary_axes: ClassVar[int] = 1
+    # M-RoPE frequency layout: consecutive chunks per axis (Qwen2/2.5-VL) or interleaved t,h,w,... (Qwen3-VL)
+    mrope_interleaved: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -171,6 +226,42 @@ class TargetAdapter:
         if not ids:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    @property
+    def mrope_section(self) -> list[int] | None:
+        """Rotary frequencies per position axis (temporal, height, width) for an M-RoPE target; None for 1-D rotary."""
+        return None
+
+    def entropy_candidate_layers(self) -> list[int]:
+        """Target layers among which entropy-adaptive supervision picks, per token, the first draft block's target."""
+        return default_entropy_candidate_layers(self.num_hidden_layers)
+
+    # --- positions ---------------------------------------------------------------------------
+    def rotary_position_ids(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, model_inputs: dict
+    ) -> torch.LongTensor:
+        """`(axes, rows, width)`: the position ids the target's own forward uses for `input_ids` when it
+        is given none (1-D: the index among each row's real tokens, as generate() builds them).
+        `model_inputs`: the target's other inputs (images, grids, token types)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return ((attention_mask.long().cumsum(-1) - 1).clamp(min=0))[None].expand(self.rotary_axes, -1, -1)
+
+    def target_positions(self, input_ids: torch.LongTensor, prompt_mask: torch.Tensor, model_kwargs: dict) -> TargetPositions:
+        """The target's positions for the left-padded prompts `input_ids`: generate()'s own `position_ids`
+        when `model_kwargs` hold them (M-RoPE targets keep a leading text-only axis there, dropped),
+        else what the target's forward would compute ([`rotary_position_ids`])."""
+        given = model_kwargs.get("position_ids")
+        if given is None:
+            prompt = self.rotary_position_ids(input_ids, prompt_mask, model_kwargs)
+        else:
+            prompt = given[..., : input_ids.shape[1]]
+            prompt = (prompt[None] if prompt.ndim == 2 else prompt)[-self.rotary_axes :]
+            if prompt.shape[0] != self.rotary_axes:
+                raise ValueError(
+                    f"position_ids of shape {tuple(given.shape)} do not fit {self.family}'s {self.rotary_axes}-axis rotary positions."
+                )
+        return TargetPositions.from_prompt(prompt.to(input_ids.device), prompt_mask)
 
     def describe(self) -> dict:
         """The facts a drafter records about its target (checked again at generate time)."""
@@ -313,3 +404,76 @@ class Gemma4Adapter(_VideoPlaceholderMixin, TargetAdapter):
         index = text.layer_types.index("sliding_attention") if "sliding_attention" in text.layer_types else 0
         layer = text.per_layer_config[index]
         return AttentionShape(text.num_attention_heads, layer.num_key_value_heads, layer.head_dim)
+
+
+class _QwenVLAdapter(_VideoPlaceholderMixin, TargetAdapter):
+    """Qwen-VL families: M-RoPE (3-D rotary positions: temporal, height, width per visual token; text
+    after an image continues from the image's largest index), image and video placeholders (both
+    are visual tokens for compression), positions from the model's own `get_rope_index`."""
+
+    rotary_axes = 3
+    default_mrope_section: ClassVar[list[int]] = []
+
+    @property
+    def mrope_section(self) -> list[int]:
+        rope = getattr(self.text_config, "rope_parameters", None) or {}
+        # the target's rotary falls back to its class default when the config names none
+        return list(rope.get("mrope_section") or self.default_mrope_section)
+
+    def rotary_position_ids(self, input_ids, attention_mask, model_inputs) -> torch.LongTensor:
+        grids = {key: model_inputs.get(key) for key in ("image_grid_thw", "video_grid_thw")}
+        token_types = model_inputs.get("mm_token_type_ids")
+        if token_types is None or all(grid is None for grid in grids.values()):  # text only: 1-D positions on every axis
+            return super().rotary_position_ids(input_ids, attention_mask, model_inputs)
+        extra = (
+            {"second_per_grid_ts": model_inputs["second_per_grid_ts"]}
+            if model_inputs.get("second_per_grid_ts") is not None
+            else {}
+        )
+        positions, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_types, attention_mask=attention_mask, **grids, **extra
+        )
+        return positions
+
+
+@register_target_adapter
+class Qwen2_5_VLAdapter(_QwenVLAdapter):
+    """Qwen2.5-VL: windowed ViT + 2x2 patch merger, Qwen2 text model with M-RoPE whose frequencies
+    are split into consecutive temporal / height / width chunks (`mrope_section`, [16, 24, 24])."""
+
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    default_mrope_section = [16, 24, 24]
+
+
+@register_target_adapter
+class Qwen3VLAdapter(_QwenVLAdapter):
+    """Qwen3-VL: ViT with deepstack, Qwen3 text model (q/k norm) with interleaved M-RoPE
+    (t, h, w, t, h, w, ... frequencies; `mrope_section` [24, 20, 20]).
+
+    Deepstack adds features of early vision layers to the hidden states of the visual positions
+    after each of the first `len(vision_config.deepstack_visual_indexes)` decoder layers (3 in the
+    real models). What the drafter reads is unchanged: the merged input embeddings (the merger's
+    output, without deepstack features, which the drafter cannot receive for tokens it drafts
+    anyway) and the last-layer features, which come after every injection and carry it. The entropy
+    candidates start after the injections: layer `l`'s input hidden state is supervision for the
+    first draft block, and only from layer `D + 1` on (`D` injections) has a text token attended to
+    visual keys that hold every deepstack feature; the earlier layers' attention reads partly
+    injected images, so their entropy says more about the injection schedule than about the token.
+    """
+
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    mrope_interleaved = True
+    default_mrope_section = [24, 20, 20]
+
+    @property
+    def num_deepstack_layers(self) -> int:
+        """Decoder layers after which deepstack injects vision features."""
+        return len(getattr(getattr(self.config, "vision_config", None), "deepstack_visual_indexes", None) or [])
+
+    def entropy_candidate_layers(self) -> list[int]:
+        first = self.num_deepstack_layers + 1
+        layers = [layer for layer in super().entropy_candidate_layers() if layer >= first]
+        # a shallow model whose default range ends inside the injections: the first layer after them
+        return layers or [min(first, self.num_hidden_layers - 1)]

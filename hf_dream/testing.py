@@ -6,7 +6,10 @@ weights (deterministic for a given ``seed``), in ``eval()`` mode and float32.
 Public API
 ----------
 ``SUPPORTED_TINY_FAMILIES``
-    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4")``
+    ``("llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4",
+    "qwen2_5_vl", "qwen3_vl")``
+``MROPE_TINY_FAMILIES``
+    ``("qwen2_5_vl", "qwen3_vl")``: 3-D rotary positions (M-RoPE) and video inputs.
 ``build_tiny_target(family, seed=0, vocab_size=None, attn_implementation="sdpa")``
     Returns a ``transformers.PreTrainedModel`` (a ``*ForConditionalGeneration``).
     The model carries a :class:`TinyVLMSpec` as ``model.tiny_spec`` describing its
@@ -15,12 +18,13 @@ Public API
     A fast tokenizer for the model's ids: id ``i`` is one character (``a-z A-Z 0-9``,
     then Greek and Cyrillic letters), so ``stop_strings`` can be matched on the
     tiny models' output.
-``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1, image_first=False)``
+``make_tiny_inputs(model, seed=0, num_images=1, text_len_before=5, text_len_after=7, batch_size=1, num_videos=0, image_first=False)``
     Returns kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``. Rows
-    are ``[bos] text_before <image block>*num_images text_after`` (``image_first``:
-    ``<image block>*num_images text_after``, the image block first); with
-    ``batch_size > 1`` row ``r`` gets ``r`` extra text tokens before and after
-    the images and the batch is LEFT padded with the pad id.
+    are ``[bos] text_before <image block>*num_images <video block>*num_videos text_after``
+    (no bos for Qwen; videos for Qwen only); with ``batch_size > 1`` row ``r`` gets ``r``
+    extra text tokens before and after the images and the batch is LEFT padded with the
+    pad id. ``image_first`` (with ``text_len_before=0``): every row's very first token is
+    an image placeholder (no bos, no text and no opening delimiter before it).
 
 Token-id layout (default ``vocab_size=256``, ``V`` = text vocab size)
 --------------------------------------------------------------------
@@ -46,6 +50,8 @@ llava_ov    0      1      2      image=V-1, video=V-2 (llava_onevision)
 internvl    0      1      2      image (<IMG_CONTEXT>)=V-1, <img>=V-2, </img>=V-3
 gemma4      0      2      1      image=V-1, video=V-2, audio=V-3, boi=V-4, eoi=V-5, boa=V-6, eoa=V-7
                                  (inside the vocab; the model swaps them for pad before embedding)
+qwen2_5_vl  0      (1)    2      image=V-1, video=V-2, vision_start=V-3, vision_end=V-4 (no bos in prompts)
+qwen3_vl    0      (1)    2      same as qwen2_5_vl; its eos row is zeroed too (never emitted)
 ==========  =====  =====  =====  ======================================================
 
 The four later families (mistral3, llava_onevision, internvl, gemma4) keep their
@@ -82,6 +88,21 @@ only at prefill (``transformers.generation.utils.MULTIMODAL_INPUTS_TO_DROP_OUTSI
 and gemma3's ``prepare_inputs_for_generation`` drops ``token_type_ids`` after it.
 Batched left-padded greedy generation matches per-row unpadded generation
 token-for-token for all five families (checked in tests/test_testing.py).
+
+* qwen2_5_vl / qwen3_vl (``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration``)
+    - decoder layers:   ``m.model.language_model.layers``; rotary ``m.model.language_model.rotary_emb``
+      (M-RoPE: takes ``(3, batch, seq)`` position ids; ``mrope_section`` [2, 3, 3] chunked for
+      qwen2_5_vl, [4, 2, 2] interleaved for qwen3_vl)
+    - lm_head ``m.lm_head`` (untied); ``m.config.image_token_id`` / ``video_token_id``
+    - inputs: ``pixel_values`` are flattened patches ``(patches, 3 * 2 * 4 * 4)`` with
+      ``image_grid_thw`` ``(images, 3)`` in patches (grids (1, 4, 8) and (1, 6, 4), cycled: 8 and 6
+      tokens after the 2x2 merge); videos ``pixel_values_videos`` / ``video_grid_thw`` (2, 4, 4):
+      8 tokens in one block (qwen2_5_vl) or two frames of 4, each after a timestamp text token
+      (qwen3_vl, as its processor lays them out); ``mm_token_type_ids`` (0 text, 1 image, 2 video)
+      is what ``get_rope_index`` reads. Image block ``<vision_start> <image>*n <vision_end>``.
+    - generate() computes ``position_ids`` of shape ``(4, batch, seq)`` (a text axis, then t, h, w)
+      and extends them by +1 per axis per new token.
+    - qwen3_vl: four text layers, deepstack injects one vision layer's features after text layer 0.
 
 Helpers: :func:`image_token_counts` (placeholders per row in ``input_ids``),
 :func:`image_feature_counts` (feature vectors per row from the model's own
@@ -211,12 +232,21 @@ from transformers import (
     Mistral3ForConditionalGeneration,
     MistralConfig,
     PixtralVisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
     Qwen2Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLTextConfig,
+    Qwen3VLVisionConfig,
     SiglipVisionConfig,
 )
 
 __all__ = [
     "SUPPORTED_TINY_FAMILIES",
+    "MROPE_TINY_FAMILIES",
     "TinyVLMSpec",
     "build_tiny_target",
     "make_tiny_inputs",
@@ -229,7 +259,10 @@ __all__ = [
 
 SUPPORTED_TINY_FAMILIES = (
     "llava", "llava_next", "pixtral", "idefics3", "gemma3", "mistral3", "llava_onevision", "internvl", "gemma4",
+    "qwen2_5_vl", "qwen3_vl",
 )
+# Families with 3-D rotary positions (M-RoPE) and video inputs.
+MROPE_TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 DEFAULT_VOCAB_SIZE = 256
 _MIN_VOCAB_SIZE = 32
@@ -285,6 +318,12 @@ class TinyVLMSpec:
     tokens_per_image: int | None = None  # fixed count where the family has one
     pixtral_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image (pixtral, mistral3)
     llava_next_image_sizes: tuple[tuple[int, int], ...] = ()  # cycled per image (llava_next, llava_onevision)
+    vision_start_token_id: int | None = None  # qwen <|vision_start|>
+    vision_end_token_id: int | None = None  # qwen <|vision_end|>
+    qwen_image_grids: tuple[tuple[int, int, int], ...] = ()  # (t, h, w) patch grid per image, cycled
+    qwen_video_grid: tuple[int, int, int] | None = None  # (t, h, w) patch grid of every video
+    merge_size: int | None = None  # qwen spatial merge: tokens = t * h * w / merge_size**2
+    temporal_patch_size: int | None = None  # qwen: frames per temporal patch
 
 
 # --------------------------------------------------------------------------- #
@@ -585,6 +624,69 @@ def _build_gemma4(V: int) -> tuple[type, Any, TinyVLMSpec]:
     return Gemma4ForConditionalGeneration, config, spec
 
 
+def _qwen_ids(V: int) -> dict[str, int]:
+    # Qwen: no bos in real prompts; image/video placeholders and the vision delimiters at the
+    # top of the vocab (real: 151655 / 151656 / 151652 / 151653 in a 151936 vocab).
+    return dict(pad=0, bos=1, eos=2, img=V - 1, vid=V - 2, start=V - 3, end=V - 4)
+
+
+def _qwen_spec(family: str, V: int, ids: dict[str, int], patch: int, merge: int, temporal: int) -> TinyVLMSpec:
+    return TinyVLMSpec(
+        family=family, vocab_size=V, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+        image_token_id=ids["img"], text_token_range=(3, V - 4),
+        special_token_ids=(ids["pad"], ids["bos"], ids["eos"], ids["end"], ids["start"], ids["vid"], ids["img"]),
+        image_size=0, patch_size=patch, video_token_id=ids["vid"], vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"],
+        # grids in patches; h != w so that height and width positions differ: 8 and 6 tokens
+        qwen_image_grids=((1, 4, 8), (1, 6, 4)), qwen_video_grid=(2, 4, 4), merge_size=merge, temporal_patch_size=temporal,
+    )
+
+
+def _build_qwen2_5_vl(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # Qwen2.5-VL: windowed ViT over (temporal x 14 x 14) patches, 2x2 patch merger, Qwen2 text
+    # with M-RoPE (mrope_section splits the rotary frequencies into temporal / height / width
+    # chunks: [16, 24, 24] of 64 in the real model, [2, 3, 3] of 8 here). Patch 4, merge 2.
+    ids, patch, merge, temporal = _qwen_ids(V), 4, 2, 2
+    text = Qwen2_5_VLTextConfig(
+        **{k: v for k, v in _text_kwargs(V, ids["pad"], ids["bos"], ids["eos"]).items() if k not in ("head_dim", "tie_word_embeddings")},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    )
+    vision = Qwen2_5_VLVisionConfig(
+        depth=_VISION_LAYERS, hidden_size=_VISION_HIDDEN, intermediate_size=_VISION_INTERMEDIATE, num_heads=_VISION_HEADS,
+        out_hidden_size=_TEXT_HIDDEN, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal,
+        window_size=patch * merge * 2, fullatt_block_indexes=[_VISION_LAYERS - 1], tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=ids["img"], video_token_id=ids["vid"],
+        vision_start_token_id=ids["start"], vision_end_token_id=ids["end"], tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration, config, _qwen_spec("qwen2_5_vl", V, ids, patch, merge, temporal)
+
+
+def _build_qwen3_vl(V: int) -> tuple[type, Any, TinyVLMSpec]:
+    # Qwen3-VL: ViT with learned + rotary positions, "deepstack" (features of early vision
+    # layers added to the hidden states of visual positions after the first text layers), Qwen3
+    # text (q/k norm) with interleaved M-RoPE ([24, 20, 20] in the real model, [4, 2, 2] here).
+    # Four text layers so that layers after the deepstack injection exist (see Qwen3VLAdapter).
+    ids, patch, merge, temporal = _qwen_ids(V), 4, 2, 2
+    text = Qwen3VLTextConfig(
+        **{k: v for k, v in _text_kwargs(V, ids["pad"], ids["bos"], ids["eos"]).items() if k != "tie_word_embeddings"},
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+    )
+    text.num_hidden_layers = 4
+    text.initializer_range = 0.15  # at 0.02 the deepstack-injected image features dominate: greedy repeats one token
+    vision = Qwen3VLVisionConfig(
+        depth=_VISION_LAYERS, hidden_size=_VISION_HIDDEN, intermediate_size=_VISION_INTERMEDIATE, num_heads=_VISION_HEADS,
+        out_hidden_size=_TEXT_HIDDEN, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal,
+        num_position_embeddings=64, deepstack_visual_indexes=[0],
+    )
+    config = Qwen3VLConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=ids["img"], video_token_id=ids["vid"],
+        vision_start_token_id=ids["start"], vision_end_token_id=ids["end"], tie_word_embeddings=False,
+    )
+    return Qwen3VLForConditionalGeneration, config, _qwen_spec("qwen3_vl", V, ids, patch, merge, temporal)
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
@@ -595,6 +697,8 @@ _BUILDERS = {
     "llava_onevision": _build_llava_onevision,
     "internvl": _build_internvl,
     "gemma4": _build_gemma4,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen3_vl": _build_qwen3_vl,
 }
 assert tuple(_BUILDERS) == SUPPORTED_TINY_FAMILIES
 
@@ -638,7 +742,8 @@ def build_tiny_target(
             # placeholder -- that would break a later forward over
             # prompt+generated tokens with pixel_values (count mismatch).
             # (gemma3 is tied; its image id is out of vocab so can't be emitted.)
-            rows = [t for t in spec.special_token_ids if t != spec.eos_token_id and t < V]
+            # qwen3_vl: eos too, or the random model stops at once on a two-image prompt (tests pick their own eos ids)
+            rows = [t for t in spec.special_token_ids if (t != spec.eos_token_id or family == "qwen3_vl") and t < V]
             with torch.no_grad():
                 model.lm_head.weight[rows] = 0.0
     model.eval()
@@ -737,6 +842,11 @@ def _image_blocks_and_pixels(model, spec: TinyVLMSpec, n_images: int, gen: torch
         block = [spec.boi_token_id] + [spec.image_token_id] * spec.tokens_per_image + [spec.eoi_token_id]
         return [list(block) for _ in range(n_images)], {"pixel_values": pixels, "image_position_ids": positions}
 
+    if fam in MROPE_TINY_FAMILIES:
+        grids = [spec.qwen_image_grids[i % len(spec.qwen_image_grids)] for i in range(n_images)]
+        blocks = [[spec.vision_start_token_id] + [spec.image_token_id] * _qwen_tokens(spec, g) + [spec.vision_end_token_id] for g in grids]
+        return blocks, {"pixel_values": _qwen_patches(spec, grids, gen), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
     if fam == "idefics3":
         pixels = torch.randn(n_images, 3, s, s, generator=gen)
         block = (
@@ -747,6 +857,37 @@ def _image_blocks_and_pixels(model, spec: TinyVLMSpec, n_images: int, gen: torch
         return [list(block) for _ in range(n_images)], {"pixel_values": pixels}
 
     raise AssertionError(fam)
+
+
+def _qwen_tokens(spec: TinyVLMSpec, grid) -> int:
+    t, h, w = grid
+    return t * h * w // spec.merge_size**2
+
+
+def _qwen_patches(spec: TinyVLMSpec, grids, gen: torch.Generator) -> torch.Tensor:
+    """Flattened patches as the Qwen processors emit them: one row of `3 x temporal x patch x patch` per patch."""
+    width = 3 * spec.temporal_patch_size * spec.patch_size**2
+    return torch.randn(sum(t * h * w for t, h, w in grids), width, generator=gen)
+
+
+def _qwen_video_blocks(spec: TinyVLMSpec, n_videos: int, gen: torch.Generator) -> tuple[list[list[int]], dict]:
+    """Video blocks: Qwen2.5-VL, one `<vision_start> <video>*(t*h*w/4) <vision_end>` per video; Qwen3-VL,
+    per temporal patch a timestamp (one text token here) then `<vision_start> <video>*(h*w/4) <vision_end>`
+    (its `get_rope_index` gives every such frame group its own grid)."""
+    t, h, w = spec.qwen_video_grid
+    lo, hi = spec.text_token_range
+    blocks = []
+    for _ in range(n_videos):
+        if spec.family == "qwen3_vl":
+            block = []
+            for _frame in range(t):
+                stamp = int(torch.randint(lo, hi, (1,), generator=gen))
+                block += [stamp, spec.vision_start_token_id] + [spec.video_token_id] * _qwen_tokens(spec, (1, h, w)) + [spec.vision_end_token_id]
+        else:
+            block = [spec.vision_start_token_id] + [spec.video_token_id] * _qwen_tokens(spec, (t, h, w)) + [spec.vision_end_token_id]
+        blocks.append(block)
+    grids = [(t, h, w)] * n_videos
+    return blocks, {"pixel_values_videos": _qwen_patches(spec, grids, gen), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
 def _llava_next_token_counts(model, pixel_values, image_sizes) -> list[int]:
@@ -770,19 +911,25 @@ def make_tiny_inputs(
     text_len_before: int = 5,
     text_len_after: int = 7,
     batch_size: int = 1,
+    num_videos: int = 0,
     image_first: bool = False,
 ) -> dict:
     """Random, deterministic inputs for a model from :func:`build_tiny_target`.
 
-    Every row is ``[bos] text_before (image block)*num_images text_after``; row
-    ``r`` has ``r`` extra text tokens both before and after the images, and rows
-    are LEFT padded with the pad id (attention_mask 0 on padding). With
-    ``image_first`` a row starts with its first image block (no bos, no text
-    before: ``text_len_before`` must be 0).
+    Every row is ``[bos] text_before (image block)*num_images (video block)*num_videos text_after``
+    (Qwen prompts have no bos, as the real ones); row ``r`` has ``r`` extra text tokens both before
+    and after the images, and rows are LEFT padded with the pad id (attention_mask 0 on padding).
+    ``num_videos`` needs a Qwen family (``MROPE_TINY_FAMILIES``). With ``image_first`` every row's
+    very first token is an image placeholder: no bos, no text before (``text_len_before`` must be 0)
+    and no opening token of the first image block (Qwen's ``<vision_start>``, InternVL's ``<img>``,
+    Gemma's ``<boi>``).
     """
     spec = _spec_of(model)
-    if num_images < 0 or batch_size < 1 or text_len_before < 0 or text_len_after < 0:
-        raise ValueError("num_images/text lengths must be >= 0 and batch_size >= 1")
+    if num_images < 0 or num_videos < 0 or batch_size < 1 or text_len_before < 0 or text_len_after < 0:
+        raise ValueError("num_images/num_videos/text lengths must be >= 0 and batch_size >= 1")
+    qwen = spec.family in MROPE_TINY_FAMILIES
+    if num_videos and not qwen:
+        raise ValueError(f"num_videos needs a family with video inputs ({', '.join(MROPE_TINY_FAMILIES)}), got {spec.family!r}")
     if image_first and (num_images < 1 or text_len_before):
         raise ValueError("image_first needs num_images >= 1 and text_len_before=0")
     gen = torch.Generator().manual_seed(seed)
@@ -793,12 +940,20 @@ def make_tiny_inputs(
     for r in range(batch_size):
         before = [] if image_first else torch.randint(lo, hi, (text_len_before + r,), generator=gen).tolist()
         after = torch.randint(lo, hi, (text_len_after + r,), generator=gen).tolist()
-        ids = [] if image_first else [spec.bos_token_id] + before
+        ids = ([] if qwen or image_first else [spec.bos_token_id]) + before
+        extra: dict[str, torch.Tensor] = {}
         if num_images:
             blocks, extra = _image_blocks_and_pixels(model, spec, num_images, gen)
+            if image_first:
+                blocks[0] = blocks[0][blocks[0].index(spec.image_token_id) :]
             for b in blocks:
                 ids += b
-            per_row_pixels.append(extra)
+        if num_videos:
+            blocks, videos = _qwen_video_blocks(spec, num_videos, gen)
+            extra = {**extra, **videos}
+            for b in blocks:
+                ids += b
+        per_row_pixels.append(extra)
         ids += after
         rows.append(ids)
 
@@ -810,7 +965,7 @@ def make_tiny_inputs(
         attention_mask[i, max_len - len(ids):] = 1
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    if num_images:
+    if num_images or num_videos:
         fam = spec.family
         if fam == "idefics3":
             # [batch, n_images, 3, H, W] + matching boolean pixel mask.
@@ -831,19 +986,38 @@ def make_tiny_inputs(
                 pvs.append(pv)
             inputs["pixel_values"] = torch.cat(pvs)
             inputs["image_sizes"] = torch.cat([p["image_sizes"] for p in per_row_pixels])
-        else:
-            for key in per_row_pixels[0]:  # pixel_values, and image_sizes / image_position_ids where the family has them
+        else:  # one entry per image (qwen: per patch, with a grid per image or video), rows in order
+            for key in per_row_pixels[0]:  # pixel_values, and image_sizes / image_position_ids / grids where the family has them
                 inputs[key] = torch.cat([p[key] for p in per_row_pixels])
     inputs.update(_token_types(spec, input_ids))
     return inputs
 
 
+def _qwen_row_visuals(inputs: dict, bsz: int, row: int) -> dict:
+    """The images and videos of batch row ``row`` (every row holds as many as the others)."""
+    out = {}
+    for pixels, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grids not in inputs:
+            continue
+        per_row = inputs[grids].shape[0] // bsz
+        patches = inputs[grids].prod(-1).tolist()
+        start = sum(patches[: row * per_row])
+        count = sum(patches[row * per_row : (row + 1) * per_row])
+        out[pixels] = inputs[pixels][start : start + count]
+        out[grids] = inputs[grids][row * per_row : (row + 1) * per_row]
+    return out
+
+
 def _token_types(spec: TinyVLMSpec, input_ids: torch.LongTensor) -> dict[str, torch.Tensor]:
-    """The per-token image marks a family's processor returns: gemma3's `token_type_ids`,
-    gemma4's `mm_token_type_ids` (1 on image tokens; both turn on bidirectional attention
-    inside image blocks), nothing elsewhere."""
+    """The per-token marks a family's processor returns: gemma3's `token_type_ids` and gemma4's
+    `mm_token_type_ids` (1 on image tokens; both turn on bidirectional attention inside image
+    blocks), Qwen's `mm_token_type_ids` (1 image, 2 video: its M-RoPE positions read them),
+    nothing elsewhere."""
+    image = input_ids == spec.image_token_id
+    if spec.family in MROPE_TINY_FAMILIES:
+        return {"mm_token_type_ids": image.int() + 2 * (input_ids == spec.video_token_id).int()}
     key = {"gemma3": "token_type_ids", "gemma4": "mm_token_type_ids"}.get(spec.family)
-    return {} if key is None else {key: (input_ids == spec.image_token_id).long()}
+    return {} if key is None else {key: image.long()}
 
 
 def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
@@ -861,6 +1035,8 @@ def tiny_inputs_row(model, inputs: dict, row: int) -> dict:
     for key in ("token_type_ids", "mm_token_type_ids"):
         if key in inputs:
             out[key] = inputs[key][row : row + 1, keep]
+    if spec.family in MROPE_TINY_FAMILIES:
+        return {**out, **_qwen_row_visuals(inputs, bsz, row)}
     if "pixel_values" in inputs:
         if spec.family == "idefics3":
             out["pixel_values"] = inputs["pixel_values"][row : row + 1]
@@ -893,6 +1069,11 @@ def stack_tiny_inputs(model, rows: list[dict]) -> dict:
         attention_mask[index, width - length :] = row["attention_mask"][0]
     batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
     batch.update(_token_types(spec, input_ids))
+    if spec.family in MROPE_TINY_FAMILIES:  # patches and grids of every row's images and videos, in order
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if any(key in row for row in rows):
+                batch[key] = torch.cat([row[key] for row in rows if key in row])
+        return batch
     pixels = [row["pixel_values"] for row in rows if "pixel_values" in row]
     if not pixels:
         return batch
@@ -931,6 +1112,10 @@ def image_feature_counts(model, inputs: dict) -> list[int]:
         return [0] * bsz
     pv = inputs["pixel_values"]
     inner = model.model
+    if spec.family in MROPE_TINY_FAMILIES:  # images only (videos are counted by their own placeholders)
+        per_image = [int(f.shape[0]) for f in inner.get_image_features(pv, inputs["image_grid_thw"]).pooler_output]
+        n = len(per_image) // bsz
+        return [sum(per_image[r * n : (r + 1) * n]) for r in range(bsz)]
     if spec.family == "idefics3":
         feats = inner.get_image_features(pv, inputs.get("pixel_attention_mask")).pooler_output
         return [int(f.shape[0]) for f in feats]  # already one entry per row

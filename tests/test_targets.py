@@ -11,7 +11,7 @@ from hf_dream import DreamDraftModel, get_target_adapter, supported_families
 from hf_dream.hub.sizing import ConfigOnlyTarget
 from hf_dream.testing import SUPPORTED_TINY_FAMILIES
 
-LATER_FAMILIES = ("mistral3", "llava_onevision", "internvl", "gemma4")
+LATER_FAMILIES = ("mistral3", "llava_onevision", "internvl", "gemma4", "qwen2_5_vl", "qwen3_vl")
 
 
 def test_every_tiny_family_is_a_supported_family():
@@ -54,7 +54,7 @@ def test_a_drafter_for_a_later_family_copies_its_targets_sizes(family):
     assert torch.equal(adapter.embed(text), target.get_input_embeddings()(text))
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "gemma4"])
+@pytest.mark.parametrize("family", ["llava_onevision", "gemma4", "qwen2_5_vl", "qwen3_vl"])
 def test_video_placeholders_count_as_visual_tokens(family):
     adapter = get_target_adapter(cached_target(family))
     spec = cached_target(family).tiny_spec

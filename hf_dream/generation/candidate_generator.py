@@ -81,7 +81,11 @@ class DreamCandidateGenerator(CandidateGenerator):
             if int(state.lengths[0]) == 0:  # the prefill covered every prompt position
                 prompt = hidden_states[0].shape[1]
                 mask = torch.ones_like(input_ids[:, :prompt], dtype=torch.bool)
-                output = state.prefill(input_ids[:, :prompt], mask, hidden_states[0], hidden_states[self._last_layer], input_ids[:, prompt])
+                # the target's positions of the prompt: the position ids transformers' loop gave it (3-D for M-RoPE)
+                positions = state.adapter.target_positions(input_ids[:, :prompt], mask, model_kwargs or {})
+                output = state.prefill(
+                    input_ids[:, :prompt], mask, hidden_states[0], hidden_states[self._last_layer], input_ids[:, prompt], positions
+                )
                 self.stats.record_visual(state)
                 if not self._all_layers:
                     self.model_kwargs_overrides = {"output_hidden_states": [self._last_layer]}

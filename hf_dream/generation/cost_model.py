@@ -108,14 +108,16 @@ def measure_verification_costs(model, context_length: int, sizes=CANDIDATE_SIZES
     # ordinary text ids (ids near the top of the vocabulary are often special: image placeholders)
     context = torch.randint(10, vocab // 2, (1, bucket), generator=generator).to(device)
     cache = DynamicCache()
+    # explicit positions: an M-RoPE target would otherwise reuse the rope deltas of its last generate() call
     with torch.no_grad():
-        model(input_ids=context, cache=cache, use_cache=True)
+        model(input_ids=context, position_ids=torch.arange(bucket, device=device)[None], cache=cache, use_cache=True)
         costs = {}
         for size in sizes:
             new = torch.randint(10, vocab // 2, (1, size), generator=generator).to(device)
+            positions = torch.arange(bucket, bucket + size, device=device)[None]
 
-            def step(new=new, size=size):
-                model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=size)
+            def step(new=new, size=size, positions=positions):
+                model(input_ids=new, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=size)
                 cache.crop(-size)
 
             step()  # warm-up of this shape

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
+from ..targets import TargetPositions
 from .cost_model import DraftLengthChooser
 from .kv_cache import RaggedCache
 from .options import DreamDecodingOptions, drafter_options
@@ -66,6 +67,13 @@ class DrafterState:
     `lengths[r]` (row r's sequence length the drafter has run over) and each row's visual-token
     compression at prefill.
 
+    Positions: every drafter forward takes two. The row's own (unpadded) sequence index orders the
+    drafter's cache and indexes the feature memory; the target's [`TargetPositions`] (`positions`,
+    set at prefill) feed the drafter's rotary embedding: the prompt's own position ids for the
+    prompt tokens it keeps (original positions, never shifted by the tokens compression dropped),
+    `index + deltas` for every later token (drafts, tree nodes, catch-up), exactly the positions the
+    target verifies them at ([`verify_positions`]).
+
     With `track_rows`, `drafter.batch_rows` lists the input batch row of every row of the drafter's
     current forward (for row-keyed test drafters). `options`: this call's [`DreamDecodingOptions`]
     (default: the drafter's own, `drafter.decoding_options`).
@@ -84,19 +92,32 @@ class DrafterState:
         self.speculative_columns = 0  # drafter cache columns of unverified drafts, dropped at catch-up
         self.visual_tokens = [0] * batch_size
         self.visual_tokens_kept = [0] * batch_size
+        self.positions: TargetPositions | None = None
         self._recorder: AttentionInputRecorder | None = None
 
-    def forward(self, embeds, positions, valid=None, memory=None, cache: RaggedCache | None = None, rows=None):
-        """One drafter forward appending `embeds`' columns (`valid (rows, n)`: which are real) to `cache`."""
+    def forward(self, embeds, positions, valid=None, memory=None, cache: RaggedCache | None = None, rows=None, rotary=None):
+        """One drafter forward appending `embeds`' columns (`valid (rows, n)`: which are real) to `cache`.
+
+        `positions (rows, n)`: sequence indices; `rotary (axes, rows, n)`: the target's positions of
+        the columns (default: those of tokens after the prompt, `positions + deltas`)."""
         cache = self.cache if cache is None else cache
         if valid is None:
             valid = embeds.shape[1]
         if self.track_rows:
             self.drafter.batch_rows = self.rows if rows is None else rows
         memory = self.memory if memory is None else memory
-        output = self.drafter(embeds, positions, memory=memory, attention_mask=cache.attention_mask(valid), cache=cache.cache)
+        if rotary is None:
+            rotary = self.positions.after_prompt(positions)
+        output = self.drafter(
+            embeds, positions, memory=memory, attention_mask=cache.attention_mask(valid), cache=cache.cache, rotary_position_ids=rotary
+        )
         cache.extend(valid)
         return output
+
+    def verify_positions(self, depths: torch.LongTensor) -> torch.LongTensor:
+        """`(axes, rows, n)`: the target's positions of nodes at `depths (rows, n)` below every row's
+        last token (sequence index `lengths - 1`), where a verification pass places them."""
+        return self.positions.after_prompt((self.lengths - 1)[:, None] + depths.to(self.lengths.device))
 
     def close(self) -> None:
         """End of decoding, successful or not: no hook stays on the target (a prefill that raised
@@ -142,11 +163,13 @@ class DrafterState:
             self.visual_tokens_kept[row] = int((keep & row_images).sum())
         return kept
 
-    def prefill(self, input_ids, prompt_mask, prompt_embeds, features, first_tokens):
+    def prefill(self, input_ids, prompt_mask, prompt_embeds, features, first_tokens, positions: TargetPositions):
         """The drafter's first pass after the target's prefill: every row's kept prompt tokens
         (with the target's image-merged input embeddings `prompt_embeds`, and the target's
         last-layer `features` of every prompt position in memory) and its first new token,
-        left-padded into one block. Returns the drafter output (last column: each row's token)."""
+        left-padded into one block, at the target's `positions`. Returns the drafter output (last
+        column: each row's token)."""
+        self.positions = positions
         rows, width = input_ids.shape
         prompt_lengths = prompt_mask.sum(dim=1)
         pads = width - prompt_lengths
@@ -160,6 +183,7 @@ class DrafterState:
         block = max(len(k) for k in kept) + 1
         embeds = prompt_embeds.new_zeros(rows, block, prompt_embeds.shape[-1])
         positions = torch.zeros(rows, block, dtype=torch.long, device=input_ids.device)
+        rotary = torch.zeros(self.positions.axes, rows, block, dtype=torch.long, device=input_ids.device)
         valid = torch.zeros(rows, block, dtype=torch.bool, device=input_ids.device)
         first_embeds = self.adapter.embed(first_tokens.reshape(rows, 1))
         for row in range(rows):
@@ -168,9 +192,12 @@ class DrafterState:
             embeds[row, -1] = first_embeds[row, 0]
             positions[row, start:-1] = kept[row]
             positions[row, -1] = prompt_lengths[row]
+            # kept prompt tokens at their original positions, the first new token after the prompt
+            rotary[:, row, start:-1] = self.positions.prompt[:, row, int(pads[row]) + kept[row].to(self.positions.prompt.device)]
+            rotary[:, row, -1] = self.positions.after_prompt(prompt_lengths[row].reshape(1, 1), row)[:, 0, 0]
             valid[row, start:] = True
         self.lengths = prompt_lengths + 1
-        return self.forward(embeds, positions, valid)
+        return self.forward(embeds, positions, valid, rotary=rotary)
 
     # --- rounds ------------------------------------------------------------------------------
     def draft_chain(self, output, limits, process, do_sample: bool, is_eos) -> ChainDraft:
@@ -240,4 +267,5 @@ class DrafterState:
         self.cache.select_rows(rows)
         self.memory.select_rows(rows)
         self.lengths = self.lengths.index_select(0, rows.to(self.lengths.device))
+        self.positions = self.positions.select_rows(rows)
         self.schedule.select_rows(rows)

@@ -34,6 +34,7 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..targets import position_ids_for_model
 from .cost_model import TreeSize, TreeSizer
 from .drafter_state import DrafterState
 from .kv_cache import RaggedCache, check_compactable
@@ -280,20 +281,30 @@ def layer_tree_mask(layer, ancestors, depths, visible: torch.BoolTensor | None, 
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def verify(model, cache: RaggedCache, trees: list[DraftTree], root_positions: torch.LongTensor, last_layer: int) -> Verification:
+def tree_depths(trees: list[DraftTree]) -> torch.LongTensor:
+    """`(rows, n)` depth of every node of every row's tree, padded to the largest tree (padding: depth 0;
+    after a chain, the column index: padding after a chain is causally invisible to it)."""
+    size = max(len(tree) for tree in trees)
+    if all(tree.is_chain for tree in trees):
+        return torch.arange(size).expand(len(trees), -1)
+    return torch.stack([torch.cat([t.depths.cpu(), t.depths.new_zeros(size - len(t)).cpu()]) for t in trees])
+
+
+def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.LongTensor, last_layer: int) -> Verification:
     """Run every row's root and drafted nodes through the target in one forward.
 
-    Positions are `root_positions[r] + depth`: siblings share a position, exactly as they would in
-    the sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
+    `positions (axes, rows, n)` are the target's positions of the nodes, laid out
+    as [`tree_depths`]: the root's position plus the node's depth on every axis
+    ([`DrafterState.verify_positions`]), so siblings share a position, exactly as they would in the
+    sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
     cache grows by the padded size in every row; record which entries are kept with
     `cache.extend(...)` next."""
     size = max(len(tree) for tree in trees)
-    device = root_positions.device
+    device = positions.device
     tokens = torch.stack([torch.cat([t.tokens, t.tokens[:1].expand(size - len(t))]) for t in trees]).to(device)
-    depths = torch.stack([torch.cat([t.depths, t.depths.new_zeros(size - len(t))]) for t in trees]).to(device)
+    depths = tree_depths(trees).to(device)
     if all(tree.is_chain for tree in trees):  # padding after a chain is causal-invisible to it: a 2-D mask does
         mask = cache.attention_mask(size)
-        depths = torch.arange(size, device=device).expand(len(trees), -1)
     else:
         ancestors = torch.eye(size, dtype=torch.bool, device=device).repeat(len(trees), 1, 1)
         for row, tree in enumerate(trees):
@@ -302,7 +313,7 @@ def verify(model, cache: RaggedCache, trees: list[DraftTree], root_positions: to
     outputs = model(
         input_ids=tokens,
         attention_mask=mask,
-        position_ids=root_positions[:, None] + depths,
+        position_ids=position_ids_for_model(positions),
         cache=cache.cache,
         use_cache=True,
         output_hidden_states=[last_layer],
@@ -441,11 +452,6 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     mask = model_kwargs.get("attention_mask")
     prompt_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
-    # explicit position ids (from generate, or the user) may be offset from the unpadded index
-    position_ids = model_kwargs.get("position_ids")
-    offsets = prompt_mask.new_zeros(batch, dtype=torch.long)
-    if position_ids is not None:
-        offsets = position_ids[:, -1].to(device) + 1 - prompt_mask.sum(dim=1)
     rows = [_Row(prompt) for prompt in input_ids.cpu()]
     state = DrafterState(model, drafter, batch, device, options=options)
     try:  # whatever happens, nothing of this call stays registered on the target
@@ -475,14 +481,15 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         active = [r for r in range(batch) if not rows[r].finished]
         output = None
         if active:
-            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first)
+            # the target's positions (generate()'s own position ids: 3-D for M-RoPE, possibly offset for 1-D)
+            positions = state.adapter.target_positions(input_ids, prompt_mask, model_kwargs)
+            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first, positions)
             stats.record_visual(state)
             if len(active) < batch:
                 keep = torch.tensor(active, device=device)
                 target_cache.select_rows(keep)
                 state.select_rows(keep)
                 output = _select_output(output, keep)
-                offsets = offsets[keep]
                 target_cache.settle()
         del outputs
 
@@ -501,7 +508,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
                     tree_drafter.draft(i, rows[r].sequence(), output, settings.top_k, min(settings.depth, budgets[i]), settings.total_tokens)
                     for i, r in enumerate(active)
                 ]
-            verification = verify(model, target_cache, trees, state.lengths - 1 + offsets, last_layer)
+            verification = verify(model, target_cache, trees, state.verify_positions(tree_depths(trees)), last_layer)
             node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
 
             # --- accept, stop and record, per row --------------------------------------------------
@@ -542,7 +549,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
                 keep = torch.tensor(still_active, device=device)
                 target_cache.select_rows(keep)
                 state.select_rows(keep)
-                features, offsets = features[keep.to(features.device)], offsets[keep]
+                features = features[keep.to(features.device)]
             target_cache.settle()
 
             # --- the drafter catches up with the target's features of the kept tokens ---------------

@@ -202,7 +202,10 @@ class TreeDrafter:
         device = self.state.lengths.device
         tokens = torch.tensor([[pool.tokens[node]] for node in frontier], device=device)
         positions = torch.full((rows, 1), int(self.state.lengths[row]) - 1 + level, dtype=torch.long, device=device)
-        output = self.state.forward(self.adapter.embed(tokens), positions, memory=memory, cache=cache, rows=[self.state.rows[row]] * rows)
+        rotary = self.state.positions.after_prompt(positions, row)
+        output = self.state.forward(
+            self.adapter.embed(tokens), positions, memory=memory, cache=cache, rows=[self.state.rows[row]] * rows, rotary=rotary
+        )
         layer_kv = [(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in cache.cache.layers]
         return output, layer_kv
 
@@ -314,4 +317,5 @@ def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: i
     which cache entries are real (default: all)."""
     valid = torch.ones(1, cache.get_seq_length(), dtype=torch.bool) if visible is None else visible[None]
     device = tree.tokens.device
-    return verify(model, RaggedCache(cache, valid.to(device)), [tree], torch.tensor([root_position], device=device), last_layer)
+    positions = torch.tensor([[root_position]], device=device) + tree.depths[None, None].to(device)
+    return verify(model, RaggedCache(cache, valid.to(device)), [tree], positions, last_layer)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..configuration_dream import default_entropy_candidate_layers
 from ..features import read_teacher
 from ..targets import get_target_adapter
 from .data import DreamDataCollator, response_mask
@@ -21,7 +20,7 @@ from .data import DreamDataCollator, response_mask
 def calibrate_layers(target, dataset, candidate_layers=None, num_samples: int = 64, batch_size: int = 4, show_progress=True) -> dict:
     """Counts of the entropy-selected layer over response tokens of the first `num_samples` rows."""
     adapter = get_target_adapter(target)
-    candidates = list(candidate_layers or default_entropy_candidate_layers(adapter.num_hidden_layers))
+    candidates = list(candidate_layers or adapter.entropy_candidate_layers())
     if min(candidates) < 0 or max(candidates) >= adapter.num_hidden_layers:
         raise ValueError(f"Candidate layers must lie in [0, {adapter.num_hidden_layers - 1}], got {candidates}.")
     collate = DreamDataCollator(target.generation_config.pad_token_id or 0)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .remote import ServerRegeneration
 
 # Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
-# (`mm_token_type_ids`: Gemma 4's image marks, as Gemma3's `token_type_ids`.)
+# (`token_type_ids`: Gemma3's image marks; `mm_token_type_ids`: Gemma 4's image marks, Qwen-VL's text 0 / image 1 / video 2.)
 TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 SEQUENCE_KEYS = ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, **dict.fromkeys(TOKEN_TYPE_KEYS, 0)}
@@ -147,7 +147,7 @@ def response_row(sample: dict, response: list[int]) -> dict:
     row["prompt_length"] = len(prompt)
     for key in TOKEN_TYPE_KEYS:
         if key in sample:
-            row[key] = sample[key].reshape(-1).tolist() + [0] * len(response)
+            row[key] = torch.as_tensor(sample[key]).reshape(-1).tolist() + [0] * len(response)  # response tokens are text
     return row
 
 

@@ -139,11 +139,15 @@ class DreamTrainer(Trainer):
         features = teacher.features
         if self.args.feature_noise > 0 and model.training:
             features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
+        # the target's own rotary positions of the kept tokens (3-D for M-RoPE; the index itself for 1-D targets)
+        rotary = self.adapter.rotary_position_ids(inputs["input_ids"], inputs["attention_mask"], inputs)
+        rotary = rotary.to(positions.device).gather(2, positions[None].expand(rotary.shape[0], -1, -1))
         draft = model(
             inputs_embeds=_gather(teacher.input_embeds, positions),
             position_ids=positions,
             target_features=features,
             attention_mask=slot_mask.long(),
+            rotary_position_ids=rotary,
         )
         mask = slot_mask & torch.gather(response_mask(inputs), 1, positions)
         gathered = {

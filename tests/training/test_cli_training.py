@@ -127,3 +127,32 @@ def test_a_later_family_trains_end_to_end(tmp_path, prompts, family):
     output = target.generate(**inputs, assistant_model=drafter, **greedy)
     assert torch.equal(output, target.generate(**inputs, **greedy))
     assert drafter.last_stats["new_tokens"] == output.shape[1] - inputs["input_ids"].shape[1] > 0
+
+
+@pytest.mark.parametrize("family, candidates", [("qwen2_5_vl", [1]), ("qwen3_vl", [2])])
+def test_prepare_calibrate_train_generate_on_m_rope_targets(tmp_path, prompts, family, candidates):
+    """Qwen-VL end to end: regenerated data keeps `mm_token_type_ids` and the grids, calibration and
+    training read the target's 3-D positions, and the trained drafter decodes losslessly. Qwen3-VL's
+    entropy candidates start after its deepstack injections (one in the tiny model: layer 2 on)."""
+    import torch
+
+    from hf_dream.testing import build_tiny_target, make_tiny_inputs
+    from hf_dream.training.data import load_from_disk
+
+    data, spec = tmp_path / "data", f"tiny:{family}"
+    assert main(["prepare-data", "--target", spec, "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "12"]) == 0
+    row = load_from_disk(str(data / "dataset"))[0]
+    assert len(row["mm_token_type_ids"]) == len(row["input_ids"]) and "image_grid_thw" in row
+    assert main(["calibrate", "--target", spec, "--dataset", str(data), "--out", str(tmp_path / "cal")]) == 0
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["candidate_layers"] == candidates and sum(report["counts"].values()) == report["response_tokens"] > 0
+    run = tmp_path / "run"
+    arguments = ["train", "--target", spec, "--dataset", str(data), "--output_dir", str(run), "--max_steps", "3"]
+    arguments += ["--per_device_train_batch_size", "2", "--learning_rate", "0.001", "--use_cpu", "true", "--report_to", "none"]
+    assert main(arguments + ["--save_strategy", "no", "--disable_tqdm", "true", "--eval_size", "2", "--acceptance_eval_samples", "1"]) == 0
+    drafter = DreamDraftModel.from_pretrained(run / "drafter")
+    assert drafter.config.mrope_section and drafter.config.entropy_candidate_layers == candidates
+    target = build_tiny_target(family)
+    inputs = make_tiny_inputs(target, seed=3, num_videos=1)
+    greedy = dict(max_new_tokens=10, do_sample=False)
+    assert torch.equal(target.generate(**inputs, assistant_model=drafter, **greedy), target.generate(**inputs, **greedy))

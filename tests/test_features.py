@@ -24,7 +24,7 @@ def test_recomputed_attention_matches_eager_attention(family):
     for index in (0, last):
         hidden_states, position_embeddings = recorder.inputs[index]
         probs = out.attentions[index]
-        if family == "gemma3":
+        if family in ("gemma3", "gemma4"):
             # Gemma3 lets image tokens attend to each other bidirectionally; compare text queries only.
             text_rows = ~get_target_adapter(target).image_token_mask(inputs["input_ids"])[0]
             received = probs[:, :, text_rows].sum(dim=(1, 2))

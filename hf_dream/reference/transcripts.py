@@ -26,10 +26,12 @@ MAX_OBJECTS = len(NUMBER_WORDS) - 1
 
 
 def count_phrase(count: int) -> str:
+    """The transcript's first words: how many objects there are ("There are two objects:")."""
     return "There is one object:" if count == 1 else f"There are {NUMBER_WORDS[count]} objects:"
 
 
 def object_phrase(size: str, color: str, shape: str, place: str, last: bool) -> str:
+    """One object's slot text (" a small red star at the top,"; a full stop after the last object)."""
     return f" a {size} {color} {shape} {place}" + ("." if last else ",")
 
 

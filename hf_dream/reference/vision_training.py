@@ -440,6 +440,7 @@ class TranscriptSet(torch.utils.data.Dataset):
         return self.length
 
     def scene(self, index: int):
+        """The `index`-th stage-1 scene."""
         return scene_from_seed(TRAIN.seed(self.start + index))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -475,6 +476,7 @@ class TranscriptModel(nn.Module):
                 p.requires_grad_(True)
 
     def image_tokens(self, pixel_values: torch.Tensor, with_middle: bool = False):
+        """The connector's image tokens (float) and, `with_middle`, the vision tower's middle-layer hidden states."""
         out = self.vision(pixel_values=pixel_values, output_hidden_states=with_middle)
         tokens = self.connector(out.last_hidden_state).float()
         return (tokens, out.hidden_states[self.middle_layer]) if with_middle else tokens

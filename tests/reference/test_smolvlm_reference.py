@@ -79,7 +79,7 @@ def image(color=(200, 30, 30)):
 def test_vision_spec_gives_64_image_tokens():
     assert SPEC.image_seq_len == 64  # a realistic count (real SmolVLM: 64 per 512-px crop): compression has work to do
     config = SPEC.vision_config()
-    assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers) == (128, 8, 256, 4)
+    assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers) == (128, 8, 256, 6)
 
 
 def test_added_tokens_follow_the_base_vocabulary_and_are_idempotent():

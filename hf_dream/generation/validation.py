@@ -19,6 +19,12 @@ def check_dream_call(target, drafter, generation_config, usage: str) -> None:
             "DREAM decoding needs the default dynamic cache (use_cache=True), got "
             f"cache_implementation={generation_config.cache_implementation!r}."
         )
+    attention = str(getattr(target.config.get_text_config(), "_attn_implementation", None))
+    if generation_config.output_attentions and generation_config.return_dict_in_generate and attention != "eager":
+        raise ValueError(
+            f"`output_attentions=True` needs the target loaded with attn_implementation='eager' ({attention} returns no "
+            "attention weights, so there are none to return for the verified tokens)."
+        )
     drafter.attach_target(target)  # model type / hidden size / vocab checks
     target_device = target.get_input_embeddings().weight.device
     if drafter.device != target_device:

@@ -524,6 +524,21 @@ def test_output_hidden_states_is_returned_or_refused(mode):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+
+def test_output_attentions_on_the_chain_needs_eager_attention_and_then_matches_plain():
+    """SDPA returns no attention weights (transformers' assisted decoding then failed indexing them): refused up
+    front naming the fix; with eager attention the chain returns one entry per new token, as plain generate."""
+    sdpa = cached_target("llava")
+    inputs = make_tiny_inputs(sdpa, seed=1)
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions=True` needs the target loaded with attn_implementation='eager'"):
+        sdpa.generate(**inputs, assistant_model=DreamDraftModel.from_target(sdpa), **kwargs)
+    eager = build_tiny_target("llava", attn_implementation="eager")
+    plain = eager.generate(**inputs, **kwargs)
+    output = eager.generate(**inputs, assistant_model=DreamDraftModel.from_target(eager), **kwargs)
+    assert torch.equal(output.sequences, plain.sequences)
+    assert len(output.attentions) == len(plain.attentions) == 6
+
 def hooks_on(model) -> int:
     """Forward (pre-)hooks registered on any module of `model` (transformers registers some itself)."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

@@ -302,10 +302,10 @@ def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.L
     size = max(len(tree) for tree in trees)
     device = positions.device
     tokens = torch.stack([torch.cat([t.tokens, t.tokens[:1].expand(size - len(t))]) for t in trees]).to(device)
-    depths = tree_depths(trees).to(device)
     if all(tree.is_chain for tree in trees):  # padding after a chain is causal-invisible to it: a 2-D mask does
         mask = cache.attention_mask(size)
     else:
+        depths = tree_depths(trees).to(device)
         ancestors = torch.eye(size, dtype=torch.bool, device=device).repeat(len(trees), 1, 1)
         for row, tree in enumerate(trees):
             ancestors[row, : len(tree), : len(tree)] = tree.ancestors.to(device)

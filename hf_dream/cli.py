@@ -321,7 +321,7 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     dataset = prepare_dataset(
         target, source, make_encoder(target, processor, base_dir), args.output,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-        target_spec=args.target, server=server,
+        target_spec=args.target, server=server, image_dir=base_dir,
     )
     leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -9,6 +9,7 @@ A *target spec* is one string, used by every CLI command:
 from __future__ import annotations
 
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable
@@ -179,6 +180,14 @@ def _image_paths(image_field) -> list:
     return image_field if isinstance(image_field, list) else [] if image_field is None else [image_field]
 
 
+def example_image_files(example: dict, base_dir: str | Path | None = None) -> list[Path]:
+    """The image files an example names in `image` / `images` (a path or a list; relative paths against
+    `base_dir`, else the working directory, as the encoders open them); in-memory images are not files."""
+    entries = _image_paths(example.get("image", example.get("images")))
+    paths = [Path(entry) for entry in entries if isinstance(entry, (str, os.PathLike))]
+    return [path if path.is_absolute() or base_dir is None else Path(base_dir) / path for path in paths]
+
+
 def read_prompts(path: str | Path, check_images: bool = False) -> list[dict]:
     """Examples from a JSONL file, one `{"image": ..., "prompt": ...}` per line.
 
@@ -196,10 +205,7 @@ def read_prompts(path: str | Path, check_images: bool = False) -> list[dict]:
         if not isinstance(example, dict) or "prompt" not in example:
             raise ValueError(f"{path}:{number}: each line needs a JSON object with a 'prompt' (and usually an 'image').")
         if check_images:
-            for image in _image_paths(example.get("image", example.get("images"))):
-                image_path = Path(image)
-                if not image_path.is_absolute():
-                    image_path = path.parent / image_path
+            for image_path in example_image_files(example, path.parent):
                 if not image_path.is_file():
                     raise FileNotFoundError(f"{path}:{number}: image not found: {image_path} (paths are relative to the prompts file)")
         examples.append(example)

@@ -164,6 +164,7 @@ def prepare_dataset(
     show_progress: bool = True,
     target_spec: str | None = None,
     server: ServerRegeneration | None = None,
+    image_dir: str | os.PathLike | None = None,
     **generate_kwargs,
 ) -> Dataset:
     """Regenerate the responses of `source` with `model` and save a training-ready dataset.
@@ -177,7 +178,9 @@ def prepare_dataset(
     `output_dir/settings.json` records every setting, a hash of the source examples and the target's identity
     (model type, build, dtype, a fingerprint of its weights; `target_spec` is recorded to name it): resuming
     with another target, edited prompts or other settings is refused before any generation, naming the
-    difference, so that one dataset never mixes two runs.
+    difference, so that one dataset never mixes two runs. The hash covers the contents of the image files the
+    examples name by path (`image_dir`: the folder relative paths are resolved against, as `encode` opens them;
+    default: the working directory), so an image edited in place is a difference too.
 
     `server` ([`ServerRegeneration`]): the responses come from an OpenAI-compatible chat endpoint instead of
     `model.generate()` (greedy, up to `ServerSettings.concurrency` requests in flight, a shard at a time), and are
@@ -205,6 +208,7 @@ def prepare_dataset(
         "batch_size": None if server is not None else batch_size, "pad_token_id": int(pad_token_id),
         "generate_kwargs": json.loads(json.dumps(generate_kwargs, sort_keys=True, default=repr)),
         "source_sha256": source_digest(examples),
+        "images_sha256": image_files_digest(examples, image_dir),
         "target": target_identity(model, with_weights=server is None),
     }
     if server is not None:
@@ -332,6 +336,32 @@ def _feed(digest, value) -> None:
     digest.update(b";")
 
 
+def image_files_digest(examples: list, image_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of the contents of the image files the examples name by path (`image` / `images`; relative paths
+    against `image_dir`), in order: editing an image in place changes it, though its path stays. Each file is
+    read once per call however many examples name it, in blocks; a missing file counts as missing (tiny targets
+    never open theirs)."""
+    from ..loading import example_image_files
+
+    file_digests: dict[Path, str] = {}
+    digest = hashlib.sha256()
+    for example in examples:
+        for path in example_image_files(example, image_dir) if isinstance(example, dict) else ():
+            if path not in file_digests:
+                file_digests[path] = _file_sha256(path) if path.is_file() else "missing"
+            digest.update(f"{file_digests[path]};".encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path, block_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def target_identity(model, with_weights: bool = True) -> dict:
     """What identifies the model that regenerated a dataset: its family, build, size, dtype and a fingerprint of
     its weights (a few thousand values of its first, middle and last tensors: cheap, and different for two seeds
@@ -369,6 +399,7 @@ def recorded_settings(path: str | os.PathLike) -> dict | None:
 
 _LABELS = {
     "source_sha256": "the source examples differ (prompts edited, added, removed, reordered, or other images)",
+    "images_sha256": "the image files differ (an image the prompts name was edited or replaced in place)",
     "target": "another target",
 }
 

@@ -80,3 +80,29 @@ def test_a_dataset_prepared_for_another_target_is_refused_for_training(tmp_path)
     check_prepared_for(tmp_path / "dataset", cached_target("llava"), "tiny:llava")  # the same target: fine
     with pytest.raises(ValueError, match=r"--dataset .* was prepared with tiny:llava, not with --target tiny:idefics3 \(model_type"):
         check_prepared_for(tmp_path / "dataset", cached_target("idefics3"), "tiny:idefics3")
+
+
+def test_an_image_edited_in_place_is_named_before_any_generation(tmp_path, monkeypatch):
+    """The source hash covers what the image files hold, not only their paths: an image rewritten under the
+    same name is refused on resume, naming the image files; every file is read once however many examples name it."""
+    from hf_dream.training import data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (images / name).write_bytes(name.encode() * 100)
+    examples = [dict(example, image=["a.png", "b.png"][example["seed"] % 2]) for example in EXAMPLES]
+    reads = []
+    file_sha256 = data._file_sha256
+    monkeypatch.setattr(data, "_file_sha256", lambda path: reads.append(path.name) or file_sha256(path))
+    target, output = cached_target("llava"), tmp_path / "out"
+    run(target, output, examples, image_dir=images)
+    assert sorted(reads) == ["a.png", "b.png"]
+    killed_after_first_shard(output)
+    (images / "b.png").write_bytes(b"edited" * 100)  # same path, other pixels
+    calls = []
+    with pytest.raises(ValueError, match=r"the image files differ \(an image the prompts name was edited") as refused:
+        run(target, output, examples, calls, image_dir=images)
+    assert "source examples differ" not in str(refused.value) and calls == []
+    (images / "b.png").write_bytes(b"b.png" * 100)
+    assert run(target, output, examples, image_dir=images)["source_index"] == [0, 1, 2, 3]  # the same files resume

@@ -559,6 +559,12 @@ def run_card(args: argparse.Namespace) -> int:
             "its drafter, e.g. --license apache-2.0; see the target's model card), or record \"license\" in "
             f"{Path(args.drafter) / 'target_config.json'}"
         )
+    if not card.data.to_dict().get("base_model"):  # a target loaded from a folder or a tiny spec has no Hub id
+        target = json.loads((Path(args.drafter) / "config.json").read_text()).get("target_name_or_path")
+        raise SystemExit(
+            f"hf-dream card: no base model for {args.drafter}'s card: its target {target!r} is not a Hub repo id; pass "
+            "--base-model OWNER/NAME (the Hub id of the model the drafter was trained for)"
+        )
     validate_card(card)
     out = Path(args.out or Path(args.drafter) / "README.md")
     if args.check:

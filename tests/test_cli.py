@@ -147,3 +147,38 @@ def test_card_without_a_licence_names_the_option(tmp_path):
     DreamConfig(hidden_size=64, num_attention_heads=4, vocab_size=100, target_name_or_path="someone/target").save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="pass --license ID"):
         main(["card", "--drafter", str(tmp_path)])
+
+
+def test_the_newcomers_walk_from_prompts_to_a_pushable_drafter(tmp_path, monkeypatch, capsys):
+    """prepare-data -> train -> card -> push --dry-run on a tiny target, through the CLI as a new user runs it:
+    the trained drafter folder holds no pickle (`training_args.bin`), `card` names the option that supplies the
+    missing licence (and, for a target without a Hub id, the base model), and the dry run lists exactly the folder's safe files without touching the Hub."""
+
+    class NoHub:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a dry run must not reach the Hub")
+
+    monkeypatch.setattr("hf_dream.hub.push.HfApi", NoHub)
+    (tmp_path / "cat.png").write_bytes(b"")  # tiny targets never open their images
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"image": "cat.png", "prompt": f"Describe picture {i}."}) + "\n" for i in range(4)))
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare-data", "--target", "tiny:llava", "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "6"]) == 0
+    assert main([
+        "train", "--target", "tiny:llava", "--dataset", str(data), "--output_dir", str(run), "--eval_size", "1", "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--acceptance_eval_samples", "1",
+    ]) == 0
+    drafter = run / "drafter"
+    assert (drafter / "model.safetensors").is_file() and not (drafter / "training_args.bin").exists()
+    with pytest.raises(SystemExit, match="pass --license ID"):
+        main(["card", "--drafter", str(drafter)])
+    with pytest.raises(SystemExit, match="its target 'tiny:llava' is not a Hub repo id; pass --base-model OWNER/NAME"):
+        main(["card", "--drafter", str(drafter), "--license", "apache-2.0"])
+    assert main(["card", "--drafter", str(drafter), "--license", "apache-2.0", "--base-model", "someone/tiny-llava"]) == 0
+    capsys.readouterr()
+    assert main(["push", "--folder", str(drafter), "--repo-id", "someone/dream-tiny-llava", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    files = sorted(path.name for path in drafter.iterdir())
+    assert f"would upload {len(files)} files" in listed and all(name in listed for name in files)
+    assert "README.md" in files and not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)

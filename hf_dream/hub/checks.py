@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ..configuration_dream import DreamConfig
-from .cards import CardValidationError, expected_base_model, validate_card, weight_files
+from .cards import CardValidationError, _is_repo_id, expected_base_model, validate_card, weight_files
 from .remote_code import REMOTE_CODE_MARKER
 from .sizing import expected_drafter_tensors
 
@@ -141,7 +141,8 @@ def check_folder(folder: str | Path) -> list[dict]:
         try:
             metadata = validate_card(readme.read_text())
             expected = expected_base_model(config.target_name_or_path) if config is not None else None
-            if config is not None and metadata.get("base_model") != expected:
+            # a target loaded from a folder (or a tiny spec) has no Hub id to compare: the card's (`--base-model`) stands
+            if config is not None and _is_repo_id(expected) and metadata.get("base_model") != expected:
                 problems.append(
                     f"the card's base_model {metadata.get('base_model')!r} is not the config's target "
                     f"{config.target_name_or_path!r}" + (f" (expected {expected!r})" if expected != config.target_name_or_path else "")

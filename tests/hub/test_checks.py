@@ -83,3 +83,18 @@ def test_shapes_are_read_from_headers_through_safe_open_without_loading_tensors(
     assert opened == ["model.safetensors"] and loaded == []
     assert "model.safetensors" in {f["path"] for f in files}
     assert checks.tensor_shapes(drafter_dir / "model.safetensors")["norm.weight"] == (64,)
+
+
+def test_the_cards_base_model_must_be_the_configs_target_unless_that_has_no_hub_id(drafter_dir, monkeypatch):
+    """A card naming another model than the config's Hub target is refused; a drafter trained on a target loaded
+    from a folder (no Hub id to compare) pushes with the base model its card names (`hf-dream card --base-model`)."""
+    from hub_helpers import write_card
+
+    no_network(monkeypatch)
+    write_card(drafter_dir, base_model="someone/another-model")
+    with pytest.raises(HubFolderError, match="the card's base_model 'someone/another-model' is not the config's target"):
+        push_to_hub(drafter_dir, "someone/dream-tiny", dry_run=True)
+    config = json.loads((drafter_dir / "config.json").read_text())
+    (drafter_dir / "config.json").write_text(json.dumps(dict(config, target_name_or_path="/models/llava-1.5-7b")))
+    write_card(drafter_dir, base_model="llava-hf/llava-1.5-7b-hf")
+    assert push_to_hub(drafter_dir, "someone/dream-tiny", dry_run=True).dry_run

@@ -191,7 +191,7 @@ def _warn_unknown_keys(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - _BOOKKEEPING_KEYS - set(GenerationConfig._get_default_generation_params()))
     if not unknown:
         return
-    fields = list(DreamConfig.__annotations__)
+    fields = [*DreamConfig.__annotations__, *DECODING_OPTION_NAMES]  # an old folder's mistyped decoding option too
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, fields, n=1)

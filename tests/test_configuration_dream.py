@@ -106,6 +106,8 @@ def test_a_wrong_typed_value_names_the_field(kwargs, message):
 def test_unknown_keys_warn_with_the_closest_field(tmp_path):
     with pytest.warns(UserWarning, match=r"unknown key\(s\) 'foo', 'hiden_size' \(did you mean 'hidden_size'\?\)"):
         DreamConfig(foo=1, hiden_size=3)
+    with pytest.warns(UserWarning, match=r"'num_draft_token' \(did you mean 'num_draft_tokens'\?\)"):  # an old folder's option
+        DreamConfig(num_draft_token=3)
     config = DreamConfig(hidden_size=64, num_attention_heads=4, vocab_size=100, rope_theta=10000)
     config.save_pretrained(tmp_path)
     with warnings.catch_warnings():

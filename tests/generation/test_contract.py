@@ -6,7 +6,8 @@ x family x greedy / sampling.
 Greedy output equals plain `generate` exactly (rows of a batch: plain batched generate, and each
 prompt alone), including rounds with partial acceptance, side branches, EOS and max_new_tokens
 inside a draft; sampling keeps the target's distribution (chi-square against the exact marginals
-on a tiny vocabulary), and a deliberately wrong acceptance fails the same test in every mode.
+on a tiny vocabulary; with a stop string, every sample is cut where plain sampling stops and the
+lengths follow too), and a deliberately wrong acceptance fails the same test in every mode.
 Every mode's acceptance is the shared one (`engine.accept`; the chain's, transformers', agrees
 with it)."""
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -737,9 +739,38 @@ def sampling_target():
     return build_sampling_target()
 
 
-def exact_token_marginals(target, inputs, kwargs):
-    """Exact marginal distributions of new tokens 2 and 3 under the target's processed sampling
-    distribution, by enumerating every (t1, t2) prefix in one batched forward each."""
+STOPPED = VOCAB  # the outcome of a position after the output stopped (a stop string fired earlier)
+
+
+@dataclass
+class ExactPrefixDistributions:
+    """The target's processed sampling distribution over the first three new tokens, exactly: `first` (t1),
+    `joint12` (t1, t2) and `third_given` ((t1, t2) flattened, t3)."""
+
+    first: torch.Tensor
+    joint12: torch.Tensor
+    third_given: torch.Tensor
+
+    def marginals(self, stop_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Marginals of new tokens 2 and 3; with `stop_token` (output stops right after it), each with one more
+        cell, `STOPPED`: the output ended before that position."""
+        if stop_token is None:
+            return self.joint12.sum(0), (self.joint12.flatten()[:, None] * self.third_given).sum(0)
+        goes_on = self.joint12.clone()
+        goes_on[stop_token] = 0  # t1 = stop: no second token
+        second = goes_on.sum(0)
+        goes_on[:, stop_token] = 0  # t2 = stop: no third token
+        third = (goes_on.flatten()[:, None] * self.third_given).sum(0)
+        return torch.cat([second, 1 - second.sum()[None]]), torch.cat([third, 1 - third.sum()[None]])
+
+    def stop_probability_at_second(self, token: int) -> float:
+        """P(t2 = token and t1 != token): the output stops right after new token 2."""
+        return float(self.joint12[:, token].sum() - self.joint12[token, token])
+
+
+def exact_distributions(target, inputs, kwargs) -> ExactPrefixDistributions:
+    """Exact distributions of new tokens 1-3 under the target's processed sampling distribution, by enumerating
+    every (t1, t2) prefix in one batched forward each."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(**{k: v for k, v in kwargs.items() if k != "max_new_tokens"})
@@ -761,14 +792,13 @@ def exact_token_marginals(target, inputs, kwargs):
     alive = joint12.flatten() > 0
     p3_given_12 = torch.zeros(VOCAB * VOCAB, VOCAB)
     p3_given_12[alive] = next_probs(torch.cat([prompt.repeat(int(alive.sum()), 1), pairs[alive]], dim=1))
-    p3 = (joint12.flatten()[:, None] * p3_given_12).sum(0)
-    return joint12.sum(0), p3
+    return ExactPrefixDistributions(p1, joint12, p3_given_12)
 
 
 def goodness_of_fit(observed_tokens, expected_probs):
     from scipy.stats import chisquare
 
-    counts = torch.bincount(observed_tokens, minlength=VOCAB).double()
+    counts = torch.bincount(observed_tokens, minlength=len(expected_probs)).double()
     expected = expected_probs.double() * counts.sum()
     big = expected >= 5  # pool rare cells so the chi-square approximation holds
     observed = torch.cat([counts[big], counts[~big].sum()[None]])
@@ -783,7 +813,7 @@ def goodness_of_fit(observed_tokens, expected_probs):
 
 def sampling_case(mode, target, draft_vocab_size=None, image_first=False):
     """Prompts (one, or two of different lengths batched as copies; `image_first`: starting with
-    the image), sampling kwargs, the exact marginals per prompt and the mode's drafter: a random
+    the image), sampling kwargs, the exact distributions per prompt and the mode's drafter: a random
     drafter with its cross-attention open for chains (sampled drafts), an oracle proposing the
     mode first or second for trees."""
     first = starting_with_the_image(image_first)
@@ -793,7 +823,7 @@ def sampling_case(mode, target, draft_vocab_size=None, image_first=False):
         prompts = [tiny_inputs_row(target, pair, r) for r in range(2)]
     # 4 new tokens: tokens 2 and 3 come from acceptances, sibling tries, residual draws and bonus tokens
     kwargs = dict(GENERATE_KWARGS, suppress_tokens=sorted(target.tiny_spec.special_token_ids), max_new_tokens=4 if mode != "chain" else 3)
-    marginals = [exact_token_marginals(target, prompt, kwargs) for prompt in prompts]
+    distributions = [exact_distributions(target, prompt, kwargs) for prompt in prompts]
     torch.manual_seed(0)
     if mode in TREE_MODES:
         greedy = {r: target.generate(**p, max_new_tokens=8, do_sample=False)[0] for r, p in enumerate(prompts)}
@@ -804,7 +834,7 @@ def sampling_case(mode, target, draft_vocab_size=None, image_first=False):
             drafter.set_draft_vocab(torch.arange(8, 8 + draft_vocab_size))
         with torch.no_grad():  # a drafter that really disagrees with the target
             drafter.cross_block.attn_gate.fill_(CHAIN_DRAFTER_GATE.get(target.tiny_spec.family, 1.0))
-    return prompts, kwargs, marginals, drafter
+    return prompts, kwargs, distributions, drafter
 
 
 def sample(mode, target, prompts, kwargs, drafter):
@@ -819,8 +849,9 @@ def sample(mode, target, prompts, kwargs, drafter):
     for seed in range(calls):
         torch.manual_seed(seed)
         output = run(mode, target, batch, drafter, **kwargs, **tree)
-        for row in range(output.shape[0]):
-            tokens[row % len(prompts)].append(output[row, width:])
+        for row in range(output.shape[0]):  # an output that stopped early is padded with STOPPED
+            new_tokens = output[row, width:]
+            tokens[row % len(prompts)].append(torch.nn.functional.pad(new_tokens, (0, kwargs["max_new_tokens"] - len(new_tokens)), value=STOPPED))
         for key in totals:
             totals[key] += drafter.last_stats.get(key, 0)
     return [torch.stack(t) for t in tokens], totals
@@ -830,7 +861,8 @@ def check_sampling_distribution(mode, target, draft_vocab_size=None, image_first
     """Chi-square of new tokens 2 and 3 against the exact marginals, after checking that the case is sharp:
     distributions not one-hot, acceptances and rejections, and for trees at least `min_tree_acceptance` accepted
     drafts per sample and (`side_branches`) acceptances through non-first children."""
-    prompts, kwargs, marginals, drafter = sampling_case(mode, target, draft_vocab_size, image_first)
+    prompts, kwargs, distributions, drafter = sampling_case(mode, target, draft_vocab_size, image_first)
+    marginals = [d.marginals() for d in distributions]
     for p2, p3 in marginals:
         assert p2.max() < 0.9 and p3.max() < 0.9  # the drafts really get rejected sometimes
     tokens, totals = sample(mode, target, prompts, kwargs, drafter)
@@ -861,6 +893,52 @@ def test_sampling_distribution_with_the_image_first(mode, family):
     check_sampling_distribution(mode, target, image_first=True, min_tree_acceptance=TREE_ACCEPTANCE_FLOOR.get(family, 0.5), side_branches=False)
 
 
+def stopped_outcomes(tokens: torch.Tensor, stop_token: int, pad_token_id: int) -> torch.Tensor:
+    """Sampled new tokens with every position after a stop as `STOPPED` (a batch pads its finished rows), after
+    checking that each sample ends right after its first stop token, as plain sampling does."""
+    outcomes = tokens.masked_fill(tokens == pad_token_id, STOPPED)  # the pad id is suppressed: never sampled
+    for row in outcomes.tolist():
+        end = row.index(stop_token) + 1 if stop_token in row else len(row)
+        assert STOPPED not in row[:end] and set(row[end:]) <= {STOPPED}, f"{row}: not cut right after {stop_token}"
+    return outcomes
+
+
+def favouring(drafter, token: int, bias: float = 4.0):
+    """`drafter` with its logits of `token` raised, so that its sampled chains often draft it (sampling stays
+    lossless under any draft distribution the drafts are really sampled from)."""
+    forward = drafter.forward
+
+    def biased(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        output.logits[..., token] += bias
+        return output
+
+    drafter.forward = biased
+    return drafter
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_with_a_stop_string_cuts_where_plain_sampling_stops(mode, sampling_target):
+    """`stop_strings` with `tokenizer=` under sampling: every sample ends right after its first stop token (also
+    where that token is an accepted draft and the rest of its block is cut), and new tokens 2 and 3, with
+    'stopped' as one more outcome (so the output lengths too), follow plain sampling's exact distribution."""
+    prompts, kwargs, distributions, drafter = sampling_case(mode, sampling_target)
+    stop_token = max(range(VOCAB), key=distributions[0].stop_probability_at_second)  # the stop fires inside blocks
+    assert distributions[0].stop_probability_at_second(stop_token) > 0.1
+    if mode not in TREE_MODES:  # the random chain drafter: make it draft the stop token (the trees' oracle drafts the greedy one)
+        drafter = favouring(drafter, stop_token)
+    tokenizer = build_tiny_tokenizer(sampling_target)
+    stop = dict(stop_strings=[tokenizer.decode([stop_token])], tokenizer=tokenizer)
+    tokens, totals = sample(mode, sampling_target, prompts, {**kwargs, **stop}, drafter)
+    assert 0 < totals["accepted_tokens"] < totals["drafted_tokens"]
+    for row_tokens, distribution in zip(tokens, distributions):
+        outcomes = stopped_outcomes(row_tokens, stop_token, sampling_target.tiny_spec.pad_token_id)
+        second, third = distribution.marginals(stop_token)
+        assert goodness_of_fit(outcomes[:, 1], second) > 1e-3
+        assert goodness_of_fit(outcomes[:, 2], third) > 1e-3
+    assert (tokens[0][:, 1] == stop_token).sum() > len(tokens[0]) // 20  # many samples stopped after token 2
+
+
 class AlwaysAcceptGenerator(DreamCandidateGenerator):
     """A wrong chain: reports a near-zero draft probability for every drafted token, so that
     transformers' acceptance test keeps every draft (output = the drafter's distribution)."""
@@ -877,7 +955,8 @@ class AlwaysAcceptGenerator(DreamCandidateGenerator):
 def test_a_wrong_acceptance_fails_the_same_test(mode, sampling_target, monkeypatch):
     """The custom modes forget the residual (after a rejection the next token is drawn from p
     instead of max(p - q, 0), which favours drafted tokens); the chain keeps every draft."""
-    prompts, kwargs, marginals, drafter = sampling_case(mode, sampling_target)
+    prompts, kwargs, distributions, drafter = sampling_case(mode, sampling_target)
+    marginals = [d.marginals() for d in distributions]
     if mode == "chain":
         from hf_dream.generation import hook
 

@@ -744,10 +744,9 @@ STOPPED = VOCAB  # the outcome of a position after the output stopped (a stop st
 
 @dataclass
 class ExactPrefixDistributions:
-    """The target's processed sampling distribution over the first three new tokens, exactly: `first` (t1),
-    `joint12` (t1, t2) and `third_given` ((t1, t2) flattened, t3)."""
+    """The target's processed sampling distribution over the first three new tokens, exactly: `joint12`
+    (t1, t2) and `third_given` ((t1, t2) flattened, t3)."""
 
-    first: torch.Tensor
     joint12: torch.Tensor
     third_given: torch.Tensor
 
@@ -792,7 +791,7 @@ def exact_distributions(target, inputs, kwargs) -> ExactPrefixDistributions:
     alive = joint12.flatten() > 0
     p3_given_12 = torch.zeros(VOCAB * VOCAB, VOCAB)
     p3_given_12[alive] = next_probs(torch.cat([prompt.repeat(int(alive.sum()), 1), pairs[alive]], dim=1))
-    return ExactPrefixDistributions(p1, joint12, p3_given_12)
+    return ExactPrefixDistributions(joint12, p3_given_12)
 
 
 def goodness_of_fit(observed_tokens, expected_probs):
@@ -851,7 +850,8 @@ def sample(mode, target, prompts, kwargs, drafter):
         output = run(mode, target, batch, drafter, **kwargs, **tree)
         for row in range(output.shape[0]):  # an output that stopped early is padded with STOPPED
             new_tokens = output[row, width:]
-            tokens[row % len(prompts)].append(torch.nn.functional.pad(new_tokens, (0, kwargs["max_new_tokens"] - len(new_tokens)), value=STOPPED))
+            padded = torch.nn.functional.pad(new_tokens, (0, kwargs["max_new_tokens"] - len(new_tokens)), value=STOPPED)
+            tokens[row % len(prompts)].append(padded)
         for key in totals:
             totals[key] += drafter.last_stats.get(key, 0)
     return [torch.stack(t) for t in tokens], totals

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from .cost_model import TreeSize
 from .drafter_state import DrafterState
-from .engine import DraftTree, Verification, process_rows, speculative_generate, verify
+from .engine import DraftTree, Verification, process_rows, speculative_generate, tree_depths, verify
 from .kv_cache import RaggedCache, compact_cache  # noqa: F401  (compact_cache: re-exported, public since the first tree release)
 from .options import resolve_options
 from .validation import check_custom_masks, check_dream_call
@@ -317,5 +317,5 @@ def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: i
     which cache entries are real (default: all)."""
     valid = torch.ones(1, cache.get_seq_length(), dtype=torch.bool) if visible is None else visible[None]
     device = tree.tokens.device
-    positions = torch.tensor([[root_position]], device=device) + tree.depths[None, None].to(device)
-    return verify(model, RaggedCache(cache, valid.to(device)), [tree], positions, last_layer)
+    depths = tree_depths([tree]).to(device)
+    return verify(model, RaggedCache(cache, valid.to(device)), [tree], depths, root_position + depths[None], last_layer)

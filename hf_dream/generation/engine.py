@@ -448,9 +448,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     pad = generation_config._pad_token_tensor
     pad = next(iter(sorted(stopper.eos_ids)), 0) if pad is None else pad
     pad_token_id = int(pad.reshape(-1)[0]) if torch.is_tensor(pad) else int(pad)
-    stream = _Streamer(streamer, pad_token_id)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    stream = _Streamer(streamer, pad_token_id, input_ids)
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     mask = model_kwargs.get("attention_mask")
@@ -567,8 +565,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         stream.flush(rows, final=True)
         stats.target_cache_compactions = target_cache.compactions
         stats.publish(drafter)
-        if streamer is not None:
-            streamer.end()
+        stream.end()
         if batch == 1:
             target_cache.settle(force=True)  # a contiguous cache to hand back
         return build_output(generation_config, input_ids, rows, pad_token_id, cache if batch == 1 else None)
@@ -601,12 +598,17 @@ def _draft_chains(state, output, rows, active, budgets, logits_processor, do_sam
 # Output
 # ---------------------------------------------------------------------------------------------
 class _Streamer:
-    """Feeds a streamer the way plain generate does: the prompt (by the caller), then one
-    `(batch,)` column per step (finished rows get the pad id), once every unfinished row has
-    produced that column."""
+    """Feeds a streamer the way plain generate does: the prompt, then one `(batch,)` column per
+    step (finished rows get the pad id), once every unfinished row has produced that column, then `end()`."""
 
-    def __init__(self, streamer, pad_token_id: int):
+    def __init__(self, streamer, pad_token_id: int, prompt: torch.LongTensor):
         self.streamer, self.pad, self.sent = streamer, pad_token_id, 0
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
 
     def flush(self, rows: list[_Row], final: bool = False) -> None:
         if self.streamer is None:

@@ -113,7 +113,8 @@ def pop_call_options(drafter, kwargs: dict) -> DreamDecodingOptions:
     `ValueError` naming them, before any work."""
     given = kwargs.pop("decoding_options", None)
     overrides = {name: kwargs.pop(name) for name in DreamDecodingOptions.names() if name in kwargs}
-    check_option_names([name for name in kwargs if looks_like_option(name)], where=" in this generate() call with a DREAM drafter")
+    suspicious = [name for name in kwargs if looks_like_option(name)]
+    check_option_names(suspicious, where=" in this generate() call with a DREAM drafter")
     return resolve_options(drafter, given, **overrides)
 
 

@@ -35,6 +35,12 @@ def supported_families() -> list[str]:
     return sorted({cls.family for classes in TARGET_ADAPTERS.values() for cls in classes})
 
 
+def token_type_keys() -> tuple[str, ...]:
+    """Every registered family's token-type inputs ([`TargetAdapter.token_type_keys`]), for code that handles
+    prepared data of any family (padding, slicing a prompt)."""
+    return tuple(dict.fromkeys(key for classes in TARGET_ADAPTERS.values() for cls in classes for key in cls.token_type_keys))
+
+
 def get_target_adapter(model: nn.Module) -> TargetAdapter:
     """The adapter for `model`, or a `ValueError` that lists the supported families."""
     config = getattr(model, "config", None)
@@ -121,6 +127,9 @@ class TargetAdapter:
     rotary_axes: ClassVar[int] = 1
     # M-RoPE frequency layout: consecutive chunks per axis (Qwen2/2.5-VL) or interleaved t,h,w,... (Qwen3-VL)
     mrope_interleaved: ClassVar[bool] = False
+    # inputs aligned with the token sequence that mark each token's kind (text 0, image, video), as the
+    # processor returns them: padded with 0 along the sequence, and 0 (text) for generated tokens
+    token_type_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -322,6 +331,7 @@ class Gemma3Adapter(TargetAdapter):
 
     family = "gemma3"
     model_types = ("gemma3",)
+    token_type_keys = ("token_type_ids",)
 
 
 class _VideoPlaceholderMixin:
@@ -374,6 +384,7 @@ class Gemma4Adapter(_VideoPlaceholderMixin, TargetAdapter):
 
     family = "gemma4"
     model_types = ("gemma4",)
+    token_type_keys = ("mm_token_type_ids",)  # image marks
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -413,6 +424,7 @@ class _QwenVLAdapter(_VideoPlaceholderMixin, TargetAdapter):
 
     rotary_axes = 3
     default_mrope_section: ClassVar[list[int]] = []
+    token_type_keys = ("mm_token_type_ids",)  # text 0 / image 1 / video 2
 
     @property
     def mrope_section(self) -> list[int]:

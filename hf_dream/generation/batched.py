@@ -27,15 +27,7 @@ import torch
 
 from .engine import speculative_generate
 from .options import resolve_options
-from .validation import check_custom_masks, check_dream_call
-
-
-def _validate(model, input_ids, generation_config, drafter) -> None:
-    check_dream_call(
-        model, drafter, generation_config,
-        usage="`target.generate(..., assistant_model=drafter)` or `custom_generate=batched_generate, drafter=drafter`",
-    )
-    check_custom_masks(model, "Batched DREAM verification masks rejected cache entries through a 2-D attention mask with holes")
+from .validation import check_dream_call
 
 
 def batched_generate(
@@ -82,7 +74,11 @@ def batched_generate(
         `drafter.last_stats` (see [`DecodingStats`]).
     """
     options = resolve_options(drafter, decoding_options, num_draft_tokens=num_draft_tokens, draft_schedule=draft_schedule)
-    _validate(model, input_ids, generation_config, drafter)
+    check_dream_call(
+        model, drafter, generation_config,
+        usage="`target.generate(..., assistant_model=drafter)` or `custom_generate=batched_generate, drafter=drafter`",
+        custom_mask="Batched DREAM verification masks rejected cache entries through a 2-D attention mask with holes",
+    )
     return speculative_generate(
         model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, model_kwargs,
         streamer=batched_streamer if batched_streamer is not None else streamer, options=options,

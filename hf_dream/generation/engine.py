@@ -290,11 +290,14 @@ def tree_depths(trees: list[DraftTree]) -> torch.LongTensor:
     return torch.stack([torch.cat([t.depths.cpu(), t.depths.new_zeros(size - len(t)).cpu()]) for t in trees])
 
 
-def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.LongTensor, last_layer: int) -> Verification:
+def verify(
+    model, cache: RaggedCache, trees: list[DraftTree], depths: torch.LongTensor, positions: torch.LongTensor, last_layer: int
+) -> Verification:
     """Run every row's root and drafted nodes through the target in one forward.
 
-    `positions (axes, rows, n)` are the target's positions of the nodes, laid out
-    as [`tree_depths`]: the root's position plus the node's depth on every axis
+    `depths (rows, n)` are the nodes' depths as [`tree_depths`] lays them out (built once by the
+    caller, which also places the nodes with them) and `positions (axes, rows, n)` the target's
+    positions of the nodes: the root's position plus the node's depth on every axis
     ([`DrafterState.verify_positions`]), so siblings share a position, exactly as they would in the
     sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
     cache grows by the padded size in every row; record which entries are kept with
@@ -305,7 +308,7 @@ def verify(model, cache: RaggedCache, trees: list[DraftTree], positions: torch.L
     if all(tree.is_chain for tree in trees):  # padding after a chain is causal-invisible to it: a 2-D mask does
         mask = cache.attention_mask(size)
     else:
-        depths = tree_depths(trees).to(device)
+        depths = depths.to(device)
         ancestors = torch.eye(size, dtype=torch.bool, device=device).repeat(len(trees), 1, 1)
         for row, tree in enumerate(trees):
             ancestors[row, : len(tree), : len(tree)] = tree.ancestors.to(device)
@@ -445,9 +448,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     pad = generation_config._pad_token_tensor
     pad = next(iter(sorted(stopper.eos_ids)), 0) if pad is None else pad
     pad_token_id = int(pad.reshape(-1)[0]) if torch.is_tensor(pad) else int(pad)
-    stream = _Streamer(streamer, pad_token_id)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    stream = _Streamer(streamer, pad_token_id, input_ids)
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     mask = model_kwargs.get("attention_mask")
@@ -508,7 +509,8 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
                     tree_drafter.draft(i, rows[r].sequence(), output, settings.top_k, min(settings.depth, budgets[i]), settings.total_tokens)
                     for i, r in enumerate(active)
                 ]
-            verification = verify(model, target_cache, trees, state.verify_positions(tree_depths(trees)), last_layer)
+            depths = tree_depths(trees)
+            verification = verify(model, target_cache, trees, depths, state.verify_positions(depths), last_layer)
             node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
 
             # --- accept, stop and record, per row --------------------------------------------------
@@ -563,8 +565,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         stream.flush(rows, final=True)
         stats.target_cache_compactions = target_cache.compactions
         stats.publish(drafter)
-        if streamer is not None:
-            streamer.end()
+        stream.end()
         if batch == 1:
             target_cache.settle(force=True)  # a contiguous cache to hand back
         return build_output(generation_config, input_ids, rows, pad_token_id, cache if batch == 1 else None)
@@ -597,12 +598,17 @@ def _draft_chains(state, output, rows, active, budgets, logits_processor, do_sam
 # Output
 # ---------------------------------------------------------------------------------------------
 class _Streamer:
-    """Feeds a streamer the way plain generate does: the prompt (by the caller), then one
-    `(batch,)` column per step (finished rows get the pad id), once every unfinished row has
-    produced that column."""
+    """Feeds a streamer the way plain generate does: the prompt, then one `(batch,)` column per
+    step (finished rows get the pad id), once every unfinished row has produced that column, then `end()`."""
 
-    def __init__(self, streamer, pad_token_id: int):
+    def __init__(self, streamer, pad_token_id: int, prompt: torch.LongTensor):
         self.streamer, self.pad, self.sent = streamer, pad_token_id, 0
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
 
     def flush(self, rows: list[_Row], final: bool = False) -> None:
         if self.streamer is None:

@@ -30,11 +30,18 @@ import inspect
 from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 
+from .batched import batched_generate
 from .candidate_generator import DreamCandidateGenerator
 from .options import DreamDecodingOptions, pop_call_options
+from .tree import tree_generate
 from .validation import check_dream_call
 
 _ORIGINALS: dict[str, object] = {}
+
+# Our `custom_generate` loops and the keyword each one takes the call's streamer under (transformers
+# does not hand `streamer` to a custom_generate callable).
+DREAM_LOOP_STREAMERS = {tree_generate: "tree_streamer", batched_generate: "batched_streamer"}
+DREAM_LOOPS = tuple(DREAM_LOOP_STREAMERS)
 
 # The assisted call (`_assisted_decoding` with a DREAM drafter) running in this context: its
 # stopping criteria and, once created, its candidate generator.
@@ -117,10 +124,7 @@ def _assisted_decoding(original):
 
 
 def _extract_generation_mode_kwargs(self, custom_generate, kwargs, *args, **more):
-    from .batched import batched_generate
-    from .tree import tree_generate
-
-    tokenizer = kwargs.get("tokenizer") if custom_generate in (tree_generate, batched_generate) else None
+    tokenizer = kwargs.get("tokenizer") if custom_generate in DREAM_LOOPS else None
     mode_kwargs = _ORIGINALS["_extract_generation_mode_kwargs"](self, custom_generate, kwargs, *args, **more)
     if tokenizer is not None:  # transformers builds the stop-string criterion from it
         mode_kwargs["tokenizer"] = tokenizer
@@ -130,11 +134,8 @@ def _extract_generation_mode_kwargs(self, custom_generate, kwargs, *args, **more
 def _generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
-        from .batched import batched_generate
-        from .tree import tree_generate
-
         drafter = kwargs.get("assistant_model")
-        custom = kwargs.get("custom_generate") in (tree_generate, batched_generate)
+        custom = kwargs.get("custom_generate") in DREAM_LOOPS
         if custom and _is_dream_drafter(kwargs.get("drafter")):
             drafter = kwargs["drafter"]
         if not _is_dream_drafter(drafter):
@@ -150,7 +151,7 @@ def _generate(original):
                 kwargs.pop("assistant_model")
                 kwargs["custom_generate"] = batched_generate
                 kwargs["drafter"] = drafter
-        if kwargs.get("custom_generate") in (tree_generate, batched_generate):
+        if kwargs.get("custom_generate") in DREAM_LOOPS:
             kwargs["decoding_options"] = options
             return _plain_or_custom(original, self, args, kwargs)
         token = _CALL_OPTIONS.set(options)  # the assisted path: read by `_get_candidate_generator`
@@ -164,12 +165,7 @@ def _generate(original):
 
 
 def _plain_or_custom(original, self, args, kwargs):
-    from .batched import batched_generate
-    from .tree import tree_generate
-
-    # transformers does not hand `streamer` to a custom_generate callable
-    streamer_names = {tree_generate: "tree_streamer", batched_generate: "batched_streamer"}
-    name = streamer_names.get(kwargs.get("custom_generate"))
+    name = DREAM_LOOP_STREAMERS.get(kwargs.get("custom_generate"))
     if name is not None and kwargs.get("streamer") is not None:
         kwargs[name] = kwargs.pop("streamer")
     return original(self, *args, **kwargs)

@@ -83,20 +83,20 @@ class DreamDecodingOptions:
         return asdict(self)
 
 
-def check_option_names(names) -> None:
-    """`ValueError` naming every entry of `names` that is not a DREAM decoding option, with the closest option."""
+def check_option_names(names, where: str = "") -> None:
+    """`ValueError` naming every entry of `names` that is not a DREAM decoding option, with the closest option
+    (`where`: the call they came with)."""
     known = DreamDecodingOptions.names()
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"{_describe_unknown(unknown)}. The DREAM decoding options are: {', '.join(known)}.")
-
-
-def _describe_unknown(unknown: list[str]) -> str:
-    parts = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, DreamDecodingOptions.names(), n=1)
-        parts.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
-    return f"Unknown DREAM decoding option{'s' if len(unknown) > 1 else ''} {', '.join(parts)}"
+        parts = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            parts.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+        raise ValueError(
+            f"Unknown DREAM decoding option{'s' if len(unknown) > 1 else ''} {', '.join(parts)}{where}. "
+            f"The DREAM decoding options are: {', '.join(known)}."
+        )
 
 
 def looks_like_option(name: str) -> bool:
@@ -114,11 +114,7 @@ def pop_call_options(drafter, kwargs: dict) -> DreamDecodingOptions:
     given = kwargs.pop("decoding_options", None)
     overrides = {name: kwargs.pop(name) for name in DreamDecodingOptions.names() if name in kwargs}
     suspicious = [name for name in kwargs if looks_like_option(name)]
-    if suspicious:
-        raise ValueError(
-            f"{_describe_unknown(suspicious)} in this generate() call with a DREAM drafter. "
-            f"The DREAM decoding options are: {', '.join(DreamDecodingOptions.names())}."
-        )
+    check_option_names(suspicious, where=" in this generate() call with a DREAM drafter")
     return resolve_options(drafter, given, **overrides)
 
 

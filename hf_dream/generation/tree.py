@@ -30,10 +30,10 @@ from transformers import DynamicCache
 
 from .cost_model import TreeSize
 from .drafter_state import DrafterState
-from .engine import DraftTree, Verification, process_rows, speculative_generate, verify
+from .engine import DraftTree, Verification, process_rows, speculative_generate, tree_depths, verify
 from .kv_cache import RaggedCache, compact_cache  # noqa: F401  (compact_cache: re-exported, public since the first tree release)
 from .options import resolve_options
-from .validation import check_custom_masks, check_dream_call
+from .validation import check_dream_call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +56,6 @@ class _CandidatePool:
         self.device = device
         self.tokens: list[int] = []
         self.parents: list[int] = []  # -1: the root
-        self.depths: list[int] = []
         self.ranks: list[int] = []
         self.scores = torch.empty(0, device=device)
         self.states: dict[int, _NodeState] = {}
@@ -64,7 +63,7 @@ class _CandidatePool:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add_children(self, parents: list[int], depth: int, tokens: torch.Tensor, scores: torch.Tensor) -> list[int]:
+    def add_children(self, parents: list[int], tokens: torch.Tensor, scores: torch.Tensor) -> list[int]:
         """Add `tokens[r, j]` as the j-th ranked child of `parents[r]`; drops impossible ones (-inf)."""
         new_ids, keep = [], torch.isfinite(scores)
         for row, parent in enumerate(parents):
@@ -74,7 +73,6 @@ class _CandidatePool:
                 new_ids.append(len(self.tokens))
                 self.tokens.append(token)
                 self.parents.append(parent)
-                self.depths.append(depth)
                 self.ranks.append(rank)
         self.scores = torch.cat([self.scores, scores[keep]])
         return new_ids
@@ -163,7 +161,7 @@ class TreeDrafter:
         root = self._node_states(output.features[row : row + 1, -1], [[]])[0]
         log_probs = self._log_probs(row, [sequence], output.logits[row : row + 1, -1])
         tokens, scores = top_children(log_probs, torch.zeros(1, device=device), top_k)
-        new_ids = pool.add_children([-1], 1, tokens, scores)
+        new_ids = pool.add_children([-1], tokens, scores)
         for level in range(1, depth):
             frontier = select_frontier(pool.scores, pool.tokens, new_ids, top_k, self.eos_token_ids)
             if not frontier:
@@ -174,7 +172,7 @@ class TreeDrafter:
             prefixes = [torch.cat([sequence, torch.tensor([pool.tokens[n] for n in pool.path(node)])]) for node in frontier]
             log_probs = self._log_probs(row, prefixes, level_output.logits[:, -1])
             tokens, scores = top_children(log_probs, pool.scores[frontier], top_k)
-            new_ids = pool.add_children(frontier, level + 1, tokens, scores)
+            new_ids = pool.add_children(frontier, tokens, scores)
         return self._to_tree(int(sequence[-1]), pool, total)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -245,11 +243,6 @@ class TreeDrafter:
 # ---------------------------------------------------------------------------------------------
 # generate()
 # ---------------------------------------------------------------------------------------------
-def _validate(model, generation_config, drafter) -> None:
-    check_dream_call(model, drafter, generation_config, usage="`target.generate(..., custom_generate=tree_generate, drafter=drafter)`")
-    check_custom_masks(model, "Tree verification passes a custom 4-D attention mask")
-
-
 def tree_generate(
     model,
     input_ids: torch.LongTensor,
@@ -302,7 +295,10 @@ def tree_generate(
         `side_branch_tokens`: accepted tokens that were not their parent's top draft; with the
         batch keys of [`batched_generate`] for a batch of more than one).
     """
-    _validate(model, generation_config, drafter)
+    check_dream_call(
+        model, drafter, generation_config, usage="`target.generate(..., custom_generate=tree_generate, drafter=drafter)`",
+        custom_mask="Tree verification passes a custom 4-D attention mask",
+    )
     options = resolve_options(drafter, decoding_options, tree_top_k=tree_top_k, tree_depth=tree_depth, tree_total_tokens=tree_total_tokens)
     settings = TreeSize(options.tree_top_k, options.tree_depth, options.tree_total_tokens)
     return speculative_generate(
@@ -317,5 +313,5 @@ def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: i
     which cache entries are real (default: all)."""
     valid = torch.ones(1, cache.get_seq_length(), dtype=torch.bool) if visible is None else visible[None]
     device = tree.tokens.device
-    positions = torch.tensor([[root_position]], device=device) + tree.depths[None, None].to(device)
-    return verify(model, RaggedCache(cache, valid.to(device)), [tree], positions, last_layer)
+    depths = tree_depths([tree]).to(device)
+    return verify(model, RaggedCache(cache, valid.to(device)), [tree], depths, root_position + depths[None], last_layer)

@@ -4,8 +4,9 @@ bad call fails the same way, with the same message, wherever it comes in."""
 from __future__ import annotations
 
 
-def check_dream_call(target, drafter, generation_config, usage: str) -> None:
-    """Errors for settings no DREAM loop can honour. `usage` shows how to pass a drafter."""
+def check_dream_call(target, drafter, generation_config, usage: str, custom_mask: str | None = None) -> None:
+    """Errors for settings no DREAM loop can honour. `usage` shows how to pass a drafter; `custom_mask`
+    (the custom loops): what their verification masks do, which flash-attention kernels do not take."""
     from ..modeling_dream import DreamDraftModel
 
     if not isinstance(drafter, DreamDraftModel):
@@ -32,13 +33,10 @@ def check_dream_call(target, drafter, generation_config, usage: str) -> None:
             f"The DREAM drafter is on {drafter.device} but the target's embeddings are on {target_device}; "
             f"move it with `drafter.to({str(target_device)!r})`."
         )
-
-
-def check_custom_masks(target, why: str) -> None:
-    """Our own loops pass masks that flash-attention kernels do not take."""
-    attention = str(getattr(target.config.get_text_config(), "_attn_implementation", None))
-    if "flash" in attention:
-        raise ValueError(f"{why}, which {attention} does not take; load the target with attn_implementation='sdpa' or 'eager'.")
+    if custom_mask is not None and "flash" in attention:
+        raise ValueError(
+            f"{custom_mask}, which {attention} does not take; load the target with attn_implementation='sdpa' or 'eager'."
+        )
 
 
 def check_dream_inputs(input_ids, model_kwargs) -> None:

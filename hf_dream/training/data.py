@@ -31,16 +31,19 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+from ..targets import token_type_keys
+
 if TYPE_CHECKING:
     from .remote import ServerRegeneration
 
-# Keys aligned with the token sequence: padded along the sequence, not concatenated per image.
-# (`token_type_ids`: Gemma3's image marks; `mm_token_type_ids`: Gemma 4's image marks, Qwen-VL's text 0 / image 1 / video 2.)
-TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
-SEQUENCE_KEYS = ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, **dict.fromkeys(TOKEN_TYPE_KEYS, 0)}
 # Image tensors pad with 0, except patch positions, where -1 marks padding (Gemma 4's `image_position_ids`).
 IMAGE_PAD_VALUES = {"image_position_ids": -1}
+
+
+def sequence_keys() -> tuple[str, ...]:
+    """Keys aligned with the token sequence, padded along it (not concatenated per image): the ids, the
+    mask and the token-type marks of every family (the target adapters' `token_type_keys`)."""
+    return ("input_ids", "attention_mask", *token_type_keys())
 
 
 def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...], value: int = 0) -> torch.Tensor:
@@ -61,14 +64,14 @@ def collate_model_inputs(samples: list[dict], padding_side: str = "right", pad_t
     """
     batch: dict[str, torch.Tensor] = {}
     length = max(sample["input_ids"].shape[-1] for sample in samples)
-    keys = list(samples[0])
+    keys, aligned = list(samples[0]), sequence_keys()
     if "attention_mask" not in keys:
         samples = [dict(sample, attention_mask=torch.ones(sample["input_ids"].shape[-1], dtype=torch.long)) for sample in samples]
         keys.append("attention_mask")
     for key in keys:
         tensors = [torch.as_tensor(sample[key]) for sample in samples]
-        if key in SEQUENCE_KEYS:
-            value = pad_token_id if key == "input_ids" else PAD_VALUES[key]
+        if key in aligned:
+            value = pad_token_id if key == "input_ids" else 0
             batch[key] = torch.cat([_pad_sequence(t.reshape(1, -1), length, padding_side, value) for t in tensors])
         else:
             shape = tuple(max(sizes) for sizes in zip(*(t.shape for t in tensors)))
@@ -92,7 +95,7 @@ class DreamDataCollator:
         samples = []
         for row in rows:
             sample = {key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")}
-            for key in ("input_ids", *TOKEN_TYPE_KEYS):
+            for key in ("input_ids", *token_type_keys()):
                 if key in sample:
                     sample[key] = sample[key].reshape(1, -1)
             samples.append(sample)
@@ -142,10 +145,11 @@ def response_row(sample: dict, response: list[int]) -> dict:
     """A prepared row: the encoded prompt `sample` (batch dimension 1) followed by the `response` token ids."""
     prompt = sample["input_ids"].reshape(-1).tolist()
     # numpy arrays keep the processor's dtype (float32) in the Arrow schema; lists would become float64
-    row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in SEQUENCE_KEYS}
+    aligned = sequence_keys()
+    row = {key: torch.as_tensor(value).cpu().numpy() for key, value in sample.items() if key not in aligned}
     row["input_ids"] = prompt + list(response)
     row["prompt_length"] = len(prompt)
-    for key in TOKEN_TYPE_KEYS:
+    for key in token_type_keys():
         if key in sample:
             row[key] = torch.as_tensor(sample[key]).reshape(-1).tolist() + [0] * len(response)  # response tokens are text
     return row

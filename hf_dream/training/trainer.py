@@ -15,7 +15,8 @@ from transformers import Trainer, TrainingArguments
 
 from ..features import read_teacher
 from ..modeling_dream import DreamDraftModel
-from .data import TOKEN_TYPE_KEYS, DreamDataCollator, response_mask
+from ..targets import token_type_keys
+from .data import DreamDataCollator, response_mask
 from .losses import dream_losses, top1_agreement
 
 MID_SUPERVISION = ("entropy", "static", "none")
@@ -213,12 +214,13 @@ class DreamTrainer(Trainer):
 def prompt_inputs(row: dict, device) -> dict:
     """Target inputs for the prompt part of a prepared row (batch of one)."""
     length = int(row["prompt_length"])
+    sequence_aligned = ("input_ids", *token_type_keys())
     inputs = {}
     for key, value in row.items():
         if key in ("prompt_length", "source_index"):
             continue
         tensor = torch.as_tensor(value)
-        if key in ("input_ids", *TOKEN_TYPE_KEYS):
+        if key in sequence_aligned:
             tensor = tensor.reshape(1, -1)[:, :length]
         inputs[key] = tensor.to(device)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

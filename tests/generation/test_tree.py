@@ -51,6 +51,21 @@ def test_bad_calls_fail_clearly(kwargs, message):
         target.generate(**inputs, custom_generate=tree_generate, **arguments)
 
 
+def test_node_depths_are_built_once_per_round(monkeypatch):
+    """A round lays out its trees' node depths once, for the positions and the mask alike."""
+    from hf_dream.generation import engine
+
+    calls = []
+    original = engine.tree_depths
+    monkeypatch.setattr(engine, "tree_depths", lambda trees: calls.append(len(trees)) or original(trees))
+    target = cached_target("llava")
+    inputs = make_tiny_inputs(target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    drafter = mode_oracle(target, {0: reference[0]})
+    assert torch.equal(generate_tree(target, inputs, drafter, max_new_tokens=12, do_sample=False), reference)
+    assert calls and len(calls) == drafter.last_stats["target_passes"] - 1  # every pass but the prefill
+
+
 # --- cache compaction ----------------------------------------------------------------------------
 def _prefill(target, inputs):
     cache = DynamicCache(config=target.config)

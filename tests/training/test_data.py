@@ -106,3 +106,33 @@ def test_an_image_edited_in_place_is_named_before_any_generation(tmp_path, monke
     assert "source examples differ" not in str(refused.value) and calls == []
     (images / "b.png").write_bytes(b"b.png" * 100)
     assert run(target, output, examples, image_dir=images)["source_index"] == [0, 1, 2, 3]  # the same files resume
+
+
+def test_token_type_inputs_come_from_the_target_adapters(monkeypatch):
+    """Which inputs are per-token kind marks is each family adapter's knowledge: a newly registered family's
+    key is padded along the sequence, sliced with the prompt and extended over the response like Gemma3's."""
+    import torch
+
+    from hf_dream.targets import TARGET_ADAPTERS, Gemma3Adapter, Qwen2_5_VLAdapter, TargetAdapter, token_type_keys
+    from hf_dream.training.data import DreamDataCollator, response_row
+    from hf_dream.training.trainer import prompt_inputs
+
+    assert Gemma3Adapter.token_type_keys == ("token_type_ids",)
+    assert Qwen2_5_VLAdapter.token_type_keys == ("mm_token_type_ids",)
+    assert TargetAdapter.token_type_keys == ()
+    assert "kind_marks" not in token_type_keys()
+
+    class MarkedAdapter(TargetAdapter):
+        family, model_types, token_type_keys = "marked", ("marked-vlm",), ("kind_marks",)
+
+    monkeypatch.setitem(TARGET_ADAPTERS, "marked-vlm", [MarkedAdapter])
+    assert "kind_marks" in token_type_keys()
+    sample = {"input_ids": torch.tensor([[5, 6, 7]]), "kind_marks": torch.tensor([[0, 1, 1]]), "pixel_values": torch.ones(1, 2)}
+    row = response_row(sample, [8, 9])
+    assert row["kind_marks"] == [0, 1, 1, 0, 0]  # response tokens are text
+    short = response_row({**sample, "input_ids": torch.tensor([[5]]), "kind_marks": torch.tensor([[1]])}, [8])
+    batch = DreamDataCollator(pad_token_id=3)([row, short])
+    assert batch["kind_marks"].tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]]  # padded along the sequence with 0
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 3, 3, 3]]
+    assert batch["pixel_values"].shape == (2, 2)  # image tensors still concatenate per image
+    assert prompt_inputs(row, "cpu")["kind_marks"].tolist() == [[0, 1, 1]]

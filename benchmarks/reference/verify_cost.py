@@ -2,7 +2,7 @@
 
 Times target passes over N = 1, 2, 4, 6, 8, 16 new tokens after a cached context (the same
 measurement `tree_total_tokens="auto"` and `draft_schedule="auto"` make:
-`hf_dream.generation.tree_size`) for each target dtype, and divides by the one-token pass. With
+`hf_dream.generation.cost_model`) for each target dtype, and divides by the one-token pass. With
 `--drafter`, also times one drafter forward over one token on a cached context (the cost of one
 draft). With `--bench` (an `hf-dream bench` JSON with an `ar` run on the same machine), it bounds what
 any drafter could reach on those prompts: the prompt's prefill (plain decoding's time minus its
@@ -29,8 +29,7 @@ from transformers import DynamicCache
 import hf_dream  # noqa: F401
 from hf_dream import DreamDraftModel
 from hf_dream.evaluation.bench import machine_description
-from hf_dream.generation.draft_length import interpolate_costs
-from hf_dream.generation.tree_size import measure_draft_level_cost, measure_verification_costs
+from hf_dream.generation.cost_model import interpolate_costs, measure_draft_step_cost, measure_verification_costs
 from hf_dream.loading import load_target
 
 SIZES = (1, 2, 4, 6, 8, 16)
@@ -41,14 +40,14 @@ def drafter_step_seconds(drafter: DreamDraftModel, context: int, repeats: int) -
     features: the cost does not depend on them), timed as `tree_total_tokens="auto"` times it."""
     hidden = drafter.config.hidden_size
     generator = torch.Generator().manual_seed(0)
-    state = SimpleNamespace(
-        drafter=drafter, draft_positions=context, cache=DynamicCache(),
-        memory=drafter.new_memory(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype)),
-    )
+    cache = DynamicCache()
+    memory = drafter.new_memory(torch.randn(1, context, hidden, generator=generator).to(drafter.dtype))
     with torch.no_grad():
         embeds = torch.randn(1, context, hidden, generator=generator).to(drafter.dtype)
-        drafter(embeds, torch.arange(context)[None], memory=state.memory, cache=state.cache)
-    return measure_draft_level_cost(state, repeats)
+        drafter(embeds, torch.arange(context)[None], memory=memory, cache=cache)
+    # the fields of a DrafterState that the library's timer reads (its cache is a RaggedCache around a DynamicCache)
+    state = SimpleNamespace(drafter=drafter, lengths=torch.tensor([context]), memory=memory, cache=SimpleNamespace(cache=cache))
+    return measure_draft_step_cost(state, repeats)
 
 
 def perfect_drafter_bound(bench: dict, costs: dict[int, float], draft_seconds: float) -> dict:

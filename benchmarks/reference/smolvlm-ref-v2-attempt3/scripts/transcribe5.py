@@ -1,4 +1,4 @@
-"""Vision-only transcription from a pre-rendered pool + dense per-patch heads at a middle layer. args: steps out layout layers [init]. env THREADS LR BS SPACE_W"""
+"""Vision-only transcription from a pre-rendered pool + dense per-patch heads at a middle layer (LAST=1: also at the last layer; SHAPE_W: weight of the shape words). args: steps out layout layers [init]. env THREADS LR BS SPACE_W DENSE_W LAST SHAPE_W"""
 import os, sys, time, math, dataclasses, torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks/reference/smolvlm-ref-v2-attempt3/scripts")
 from layouts import layout
@@ -39,18 +39,23 @@ evy = torch.tensor([[index.get(t, 0) for t in layout(tok, s, mode)] for s in ev_
 MID = int(os.environ.get("MID", str(layers // 2)))
 DENSE_W = float(os.environ.get("DENSE_W", "1.0"))
 hidden = vision.config.hidden_size
-heads = torch.nn.ModuleDict({"rank": torch.nn.Linear(hidden, 5), "shape": torch.nn.Linear(hidden, 11), "color": torch.nn.Linear(hidden, 13), "size": torch.nn.Linear(hidden, 4)})
+LAST = int(os.environ.get("LAST", "0")); SHAPE_W = float(os.environ.get("SHAPE_W", "1"))
+mk = lambda: torch.nn.ModuleDict({"rank": torch.nn.Linear(hidden, 5), "shape": torch.nn.Linear(hidden, 11), "color": torch.nn.Linear(hidden, 13), "size": torch.nn.Linear(hidden, 4)})
+heads = mk(); lheads = mk()
+from hf_dream.reference.scenes import SHAPES
+shape_idx = torch.tensor([index[tok(" "+s_, add_special_tokens=False).input_ids[0]] for s_ in SHAPES])
+is_shape = torch.zeros(len(vocab), dtype=torch.bool); is_shape[shape_idx] = True
 def tokens(px, dense=False):
     out = vision(pixel_values=px, output_hidden_states=dense)
     t = connector(out.last_hidden_state)
-    return (t, out.hidden_states[MID]) if dense else t
+    return (t, out.hidden_states[MID], out.last_hidden_state) if dense else t
 def dense_targets(idx):
     m = MAPS[idx].flatten(1)  # [B, 256] 0 = bg, k+1
     a = ATTRS[idx]  # [B, 4, 3]
     obj = (m - 1).clamp(min=0)
     g = lambda j, bg: torch.where(m > 0, torch.gather(a[..., j], 1, obj), torch.full_like(m, bg))
     return {"rank": torch.where(m > 0, m - 1, 4), "shape": g(0, 10), "color": g(1, 12), "size": g(2, 3)}
-params = list(vision.parameters()) + list(connector.parameters()) + list(heads.parameters())
+params = list(vision.parameters()) + list(connector.parameters()) + list(heads.parameters()) + list(lheads.parameters())
 for p in model.parameters(): p.requires_grad_(False)
 for p in params: p.requires_grad_(True)
 print("trainable", sum(p.numel() for p in params), flush=True)
@@ -62,13 +67,15 @@ for step in range(steps):
     idx = torch.randint(0, N, (bs,), generator=g)
     px, y = pixels(pool[idx]), Y[idx]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, mid = tokens(px, dense=True)
+        out, mid, last = tokens(px, dense=True)
         out = out.float()
     dt = dense_targets(idx)
     patch_w = torch.where(dt["rank"] < 4, 1.0, 0.2).flatten()
     dense = sum((F.cross_entropy(heads[k](mid.float()).flatten(0, 1), dt[k].flatten(), reduction="none") * patch_w).sum() / patch_w.sum() for k in heads)
+    if LAST: dense = dense + sum((F.cross_entropy(lheads[k](last.float()).flatten(0, 1), dt[k].flatten(), reduction="none") * patch_w).sum() / patch_w.sum() for k in heads)
     logits = (out @ Ev.T) / (scale * scale * out.shape[-1]) ** 0.5 * 4
     w = torch.where(y == index[space], space_w, 1.0)
+    w = torch.where(is_shape[y], SHAPE_W, w)
     ce = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum() / w.sum()
     mse = ((out - Ev[y]) ** 2).mean(-1).mul(w).sum() / w.sum() / (scale * scale)
     loss = ce + mse + DENSE_W * dense
@@ -80,7 +87,7 @@ for step in range(steps):
         right = nearest == evy
         ns = evy != index[space]
         print(f"step {step} dense {dense.item():.3f} ce {ce.item():.3f} mse {mse.item():.3f} acc {right.float().mean():.3f} non-space {right[ns].float().mean():.3f} "
-              f"first17 exact {right[:, :17].all(-1).float().mean():.3f} all exact {right.all(-1).float().mean():.3f} {time.time()-t0:.0f}s", flush=True)
+              f"shape {right[is_shape[evy]].float().mean():.3f} first17 exact {right[:, :17].all(-1).float().mean():.3f} all exact {right.all(-1).float().mean():.3f} {time.time()-t0:.0f}s", flush=True)
         state = {"vlm." + k: v.detach().float().contiguous() for k, v in model.state_dict().items() if k.startswith(("model.vision_model.", "model.connector."))}
         save_file(state, out_path)
 print("saved", out_path)

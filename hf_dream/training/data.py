@@ -92,13 +92,8 @@ class DreamDataCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        samples = []
-        for row in rows:
-            sample = {key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")}
-            for key in ("input_ids", *token_type_keys()):
-                if key in sample:
-                    sample[key] = sample[key].reshape(1, -1)
-            samples.append(sample)
+        # sequence-aligned keys stay 1-D here: `collate_model_inputs` lays them out as (1, length) rows
+        samples = [{key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")} for row in rows]
         batch = collate_model_inputs(samples, "right", self.pad_token_id)
         batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
         batch["sequence_lengths"] = torch.tensor([len(row["input_ids"]) for row in rows])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import shlex
 import sys
@@ -53,7 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--learning-rate", type=float, default=defaults["learning_rate"], help="build --retrain: peak learning rate of the mixture stage")
     build.add_argument("--batch-size", type=int, default=defaults["per_device_train_batch_size"], help="build --retrain: batch size")
     build.add_argument("--max-response-tokens", type=int, default=defaults["max_response_tokens"], help="build --retrain: train on the first N tokens of each response")
+    build.add_argument("--shape-steps", type=int, default=defaults["shape_steps"], help="build --retrain: stage-0 steps in which the vision tower alone learns the objects' shapes (VisionTrainingArguments.shape_steps)")
     build.add_argument("--transcript-steps", type=int, default=defaults["transcript_steps"], help="build --retrain: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps)")
+    build.add_argument("--train-arg", action="append", default=[], metavar="FIELD=VALUE", help="build --retrain: set any other VisionTrainingArguments field, e.g. --train-arg transcript_vision_lr_scale=0.1 (repeatable; checked before anything loads)")
     build.add_argument("--init-weights", default=None, help="build --retrain: start from a vision-training checkpoint's model.safetensors (a fresh schedule)")
     build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
@@ -112,16 +115,36 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _training_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--train-arg FIELD=VALUE` pairs as VisionTrainingArguments keywords, each value parsed as its field's type."""
+    from .vision_training import VisionTrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(VisionTrainingArguments)}
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise SystemExit(f"error: --train-arg {pair!r}: not FIELD=VALUE with a VisionTrainingArguments field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        default = fields[name].default
+        kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+        try:
+            overrides[name] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except ValueError:
+            raise SystemExit(f"error: --train-arg {pair!r}: {name} needs a value of type {kind.__name__}") from None
+    return overrides
+
+
 def _build(args: argparse.Namespace) -> int:
     from . import _module
     from .vision_training import VisionTrainingArguments
 
     target = _module(args.name)
-    training_args = VisionTrainingArguments(
-        output_dir=None, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens,
-        transcript_steps=args.transcript_steps, init_weights=args.init_weights,
-        learning_rate=args.learning_rate,
-    ) if args.retrain else None
+    training_args = VisionTrainingArguments(**{
+        **dict(output_dir=None, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens,
+               shape_steps=args.shape_steps, transcript_steps=args.transcript_steps, init_weights=args.init_weights, learning_rate=args.learning_rate),
+        **_training_overrides(args.train_arg),
+    }) if args.retrain else None
     weights = Path(args.weights) if args.weights else target.WEIGHTS_PATH
     started = time.perf_counter()
     record = target.build(

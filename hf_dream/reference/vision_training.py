@@ -70,12 +70,16 @@ class VisionTrainingArguments(TrainingArguments):
     caption_fraction: float = dataclasses.field(default=0.25, metadata={"help": "share of alignment captions in the mix: a fresh training scene's picture, a caption prompt, and the scene's description as the answer, every word of which is about the picture (LLaVA's stage-1 captions; default 0.25)"})
     connector_lr_scale: float = dataclasses.field(default=2.0, metadata={"help": "connector learning rate = this x learning_rate (default 2.0)"})
     probe_weight: float = dataclasses.field(default=0.5, metadata={"help": "weight of the auxiliary shape/colour probe loss (default 0.5)"})
+    shape_steps: int = dataclasses.field(default=0, metadata={"help": "stage 0, before stage 1: optimizer steps in which the vision tower alone learns the objects' shapes on freshly drawn training scenes (each object's mean last-layer patch feature -> its shape, and per patch the shape and colour under it): the part of a scene this tower learns last and only at a low learning rate; resumable in <output_dir>/shapes (default 0: no stage 0)"})
+    shape_learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "stage 0: peak learning rate (default 1e-4: at 5e-4 and above this vision transformer stays at chance on shapes, `benchmarks/reference/smolvlm-ref-v2-attempt3/` section 4)"})
+    object_shape_weight: float = dataclasses.field(default=0.0, metadata={"help": "stage 1: weight of stage 0's object-level shape loss at the last vision layer, kept beside the transcript so the shapes stay learned (default 0.0)"})
+    transcript_vision_lr_scale: float = dataclasses.field(default=1.0, metadata={"help": "stage 1: the vision tower's learning rate = this x transcript_learning_rate; the connector keeps transcript_learning_rate (default 1.0)"})
     transcript_steps: int = dataclasses.field(default=0, metadata={"help": "stage 1, before the mixture: optimizer steps in which the vision tower + connector alone learn to make the image tokens spell the scene's transcript (`transcripts.TranscriptLayout`: the description at fixed offsets) on freshly drawn training scenes, with dense per-patch targets (which object, its shape, colour, size) at a middle layer; no text-model pass, so cheap; resumable in <output_dir>/transcript (default 0: no stage 1)"})
     transcript_batch_size: int = dataclasses.field(default=32, metadata={"help": "stage 1: scenes per step (default 32)"})
     transcript_learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "stage 1: peak learning rate (default 1e-3)"})
     transcript_fill_weight: float = dataclasses.field(default=0.2, metadata={"help": "stage 1: weight of the transcript's fill positions against its words' (default 0.2)"})
     dense_weight: float = dataclasses.field(default=1.0, metadata={"help": "stage 1: weight of the dense per-patch targets (default 1.0)"})
-    init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start from the trained tensors of this checkpoint (`checkpoint-N/model.safetensors`) instead of the random init; a fresh schedule (default None)"})
+    init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start every stage from the trained tensors of this file instead of the random init: a checkpoint of any stage (`checkpoint-N/model.safetensors`) or a vision tower alone (keys `vlm.model.vision_model.*`; the connector then starts fresh); a fresh schedule (default None)"})
     probe_scenes_per_step: int = dataclasses.field(default=16, metadata={"help": "extra freshly drawn training scenes per step that only the probe sees (vision tower + connector, no text model: cheap); they show the vision tower far more scenes than there are responses (default 16)"})
 
     def __post_init__(self):
@@ -412,8 +416,9 @@ DENSE_HEADS = {"object": 4 + 1, "shape": len(SHAPES) + 1, "color": len(COLORS) +
 
 
 def transcript_targets(recipe: VisionRecipe, layout, scene, patches: int) -> dict[str, torch.Tensor]:
-    """Stage-1 targets of one scene: its transcript ids and, per image patch (raster order), which object it shows
-    and that object's shape / colour / size (the background class where no object covers it)."""
+    """Stage-0/1 targets of one scene: its transcript ids, each object's shape (-100 past the last object) and, per
+    image patch (raster order), which object it shows and that object's shape / colour / size (the background class
+    where no object covers it)."""
     owner = torch.tensor(scene.object_map(patches)).flatten()  # 0 = background, k + 1 = objects[k]
     attributes = {
         "object": list(range(len(scene.objects))),
@@ -425,7 +430,10 @@ def transcript_targets(recipe: VisionRecipe, layout, scene, patches: int) -> dic
     for head, classes in DENSE_HEADS.items():
         table = torch.tensor([classes - 1, *attributes[head]])  # owner 0 -> background class
         dense[f"patch_{head}"] = table[owner]
-    return {"transcript": torch.tensor(layout.ids(recipe.text_ids, scene)), **dense}
+    slots = DENSE_HEADS["object"] - 1
+    object_shape = torch.full((slots,), -100, dtype=torch.long)
+    object_shape[: len(scene.objects)] = torch.tensor(attributes["shape"][:slots])
+    return {"transcript": torch.tensor(layout.ids(recipe.text_ids, scene)), "object_shape": object_shape, **dense}
 
 
 class TranscriptSet(torch.utils.data.Dataset):
@@ -445,48 +453,122 @@ class TranscriptSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         scene = self.scene(index)
-        pixels = self.recipe.pixels(scene.draw())
-        return {"pixel_values": pixels.reshape(pixels.shape[-3:]), **transcript_targets(self.recipe, self.layout, scene, self.patches)}
+        return {"pixel_values": scene_pixels(self.recipe, scene), **transcript_targets(self.recipe, self.layout, scene, self.patches)}
+
+
+def scene_pixels(recipe: VisionRecipe, scene) -> torch.Tensor:
+    """The [3, size, size] pixels of a scene's picture (one image: no crops at the reference targets' sizes)."""
+    pixels = recipe.pixels(scene.draw())
+    return pixels.reshape(pixels.shape[-3:])
+
+
+def object_shape_logits(head: nn.Module, hidden: torch.Tensor, patch_object: torch.Tensor, object_shape: torch.Tensor):
+    """(logits, targets) of each object's shape from the mean of its patches' features `hidden` [B, patches, H];
+    objects with no patch (or past the last object) are left out."""
+    slots = object_shape.shape[1]
+    members = F.one_hot(patch_object, slots + 1)[..., :slots].to(hidden.dtype)  # background (class `slots`) dropped
+    counts = members.sum(1)  # [B, slots]
+    pooled = members.transpose(1, 2) @ hidden / counts.clamp(min=1)[..., None]
+    present = (counts > 0) & (object_shape >= 0)
+    return head(pooled[present]), object_shape[present]
+
+
+class ShapeWarmupModel(nn.Module):
+    """Stage 0: the vision tower alone learns the objects' shapes before anything has to spell them. Each object's
+    mean last-layer patch feature -> its shape, plus per patch the shape and the colour of the object under it
+    (background patches weighted 0.2). Shape is what needs several patches together; colour and place, which one
+    patch carries, the later stages learn quickly anyway."""
+
+    def __init__(self, recipe: VisionRecipe, seed: int = 0):
+        super().__init__()
+        self.recipe, self.vision = recipe, recipe.vision
+        torch.manual_seed(seed)
+        hidden = recipe.vision.config.hidden_size
+        self.object_head = nn.Linear(hidden, len(SHAPES))
+        self.patch_heads = nn.ModuleDict({head: nn.Linear(hidden, DENSE_HEADS[head]) for head in ("shape", "color")})
+        for p in self.vision.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, pixel_values, object_shape, patch_object, transcript=None, **patch_targets):
+        hidden = self.vision(pixel_values=pixel_values).last_hidden_state.float()
+        logits, targets = object_shape_logits(self.object_head, hidden, patch_object, object_shape)
+        object_loss = F.cross_entropy(logits, targets)
+        patch_weight = torch.where(patch_object == DENSE_HEADS["object"] - 1, 0.2, 1.0).flatten()
+        patch_loss = sum(
+            (F.cross_entropy(head(hidden).flatten(0, 1), patch_targets[f"patch_{name}"].flatten(), reduction="none") * patch_weight).sum()
+            / patch_weight.sum()
+            for name, head in self.patch_heads.items()
+        )
+        with torch.no_grad():
+            self.last_metrics = {"object_loss": object_loss.item(), "patch_loss": patch_loss.item(),
+                                 "shape_accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+        return {"loss": object_loss + patch_loss}
+
+
+def shape_accuracy(model: ShapeWarmupModel, recipe: VisionRecipe, layout, batch_size: int = 32) -> float:
+    """Held-out check of stage 0 on `TRANSCRIPT_EVAL_SEEDS` (`scenes.EVAL`): the share of objects whose shape the
+    object head names."""
+    from .scenes import EVAL
+
+    patches = recipe.vision.config.image_size // recipe.vision.config.patch_size
+    scenes = [scene_from_seed(EVAL.seed(k)) for k in TRANSCRIPT_EVAL_SEEDS]
+    right = total = 0
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            chunk = scenes[start : start + batch_size]
+            pixels = torch.stack([scene_pixels(recipe, s) for s in chunk])
+            targets = [transcript_targets(recipe, layout, s, patches) for s in chunk]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = model.vision(pixel_values=pixels).last_hidden_state.float()
+            logits, shapes = object_shape_logits(model.object_head, hidden, torch.stack([t["patch_object"] for t in targets]),
+                                                 torch.stack([t["object_shape"] for t in targets]))
+            right += int((logits.argmax(-1) == shapes).sum())
+            total += len(shapes)
+    return round(right / max(1, total), 4)
 
 
 class TranscriptModel(nn.Module):
     """Vision tower + connector (+ dense heads at the middle layer) trained to make each image token the text
     model's embedding of its transcript token: cross-entropy over the transcripts' vocabulary (tied to the
-    embeddings) plus the squared distance to the embedding, then the dense per-patch cross-entropies."""
+    embeddings) plus the squared distance to the embedding, then the dense per-patch cross-entropies and, with
+    `object_shape_weight`, stage 0's object-level shape loss at the last layer (its head carried over from stage 0
+    when given)."""
 
     def __init__(self, recipe: VisionRecipe, embeddings: torch.Tensor, vocabulary: list[int], fill_id: int,
-                 fill_weight: float = 0.2, dense_weight: float = 1.0, seed: int = 0):
+                 fill_weight: float = 0.2, dense_weight: float = 1.0, seed: int = 0, object_shape_weight: float = 0.0,
+                 object_head: nn.Module | None = None):
         super().__init__()
         self.recipe, self.vision, self.connector = recipe, recipe.vision, recipe.connector
-        self.fill_weight, self.dense_weight = fill_weight, dense_weight
+        self.fill_weight, self.dense_weight, self.object_shape_weight = fill_weight, dense_weight, object_shape_weight
         embeddings = embeddings.detach().float()
         self.register_buffer("scale", embeddings.std(), persistent=False)
         self.register_buffer("vocabulary_embeddings", embeddings[torch.tensor(vocabulary)], persistent=False)
+        self.register_buffer("vocabulary_ids", torch.tensor(vocabulary), persistent=False)
         lookup = torch.full((embeddings.shape[0],), -100, dtype=torch.long)
         lookup[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
         self.register_buffer("lookup", lookup, persistent=False)
         self.fill_index = int(lookup[fill_id])
         self.middle_layer = max(1, recipe.vision.config.num_hidden_layers // 2)
-        self.image_shape = (3, recipe.vision.config.image_size, recipe.vision.config.image_size)
         torch.manual_seed(seed)
         hidden = recipe.vision.config.hidden_size
         self.dense_heads = nn.ModuleDict({head: nn.Linear(hidden, classes) for head, classes in DENSE_HEADS.items()})
+        self.object_head = object_head if object_head is not None else nn.Linear(hidden, len(SHAPES))
         for module in (self.vision, self.connector):
             for p in module.parameters():
                 p.requires_grad_(True)
 
     def image_tokens(self, pixel_values: torch.Tensor, with_middle: bool = False):
-        """The connector's image tokens (float) and, `with_middle`, the vision tower's middle-layer hidden states."""
+        """The connector's image tokens (float) and, `with_middle`, the vision tower's middle- and last-layer hidden states."""
         out = self.vision(pixel_values=pixel_values, output_hidden_states=with_middle)
         tokens = self.connector(out.last_hidden_state).float()
-        return (tokens, out.hidden_states[self.middle_layer]) if with_middle else tokens
+        return (tokens, out.hidden_states[self.middle_layer], out.last_hidden_state) if with_middle else tokens
 
     def nearest(self, tokens: torch.Tensor) -> torch.Tensor:
         """Index (in the transcript vocabulary) of the nearest embedding by cosine, per image token."""
         return (F.normalize(tokens, dim=-1) @ F.normalize(self.vocabulary_embeddings, dim=-1).T).argmax(-1)
 
-    def forward(self, pixel_values, transcript, **patch_targets):
-        tokens, middle = self.image_tokens(pixel_values, with_middle=True)
+    def forward(self, pixel_values, transcript, object_shape=None, **patch_targets):
+        tokens, middle, last = self.image_tokens(pixel_values, with_middle=True)
         target = self.lookup[transcript]
         weight = torch.where(target == self.fill_index, self.fill_weight, 1.0) * (target >= 0)
         logits = tokens @ self.vocabulary_embeddings.T / (self.scale**2 * tokens.shape[-1]).sqrt() * 4
@@ -502,6 +584,10 @@ class TranscriptModel(nn.Module):
             / patch_weight.sum()
             for name, head in self.dense_heads.items()
         )
+        loss = token_loss + distance + self.dense_weight * dense_loss
+        if self.object_shape_weight and object_shape is not None:
+            logits, targets = object_shape_logits(self.object_head, last.float(), patch_targets["patch_object"], object_shape)
+            loss = loss + self.object_shape_weight * F.cross_entropy(logits, targets)
         with torch.no_grad():
             words = (target != self.fill_index) & (target >= 0)
             self.last_metrics = {
@@ -510,7 +596,7 @@ class TranscriptModel(nn.Module):
                 "dense_loss": dense_loss.item(),
                 "word_accuracy": (self.nearest(tokens) == target)[words].float().mean().item(),
             }
-        return {"loss": token_loss + distance + self.dense_weight * dense_loss}
+        return {"loss": loss}
 
 
 def transcript_vocabulary(recipe: VisionRecipe, layout, scenes: int = 5000) -> list[int]:
@@ -523,17 +609,18 @@ def transcript_vocabulary(recipe: VisionRecipe, layout, scenes: int = 5000) -> l
 
 def transcript_accuracy(model: TranscriptModel, recipe: VisionRecipe, layout, batch_size: int = 32) -> dict[str, float]:
     """Held-out check of stage 1 on `TRANSCRIPT_EVAL_SEEDS` (`scenes.EVAL`): the share of transcript words (fill
-    excluded) whose image token is nearest to that word's embedding, and of scenes whose count phrase + first
-    object slot are all right."""
+    excluded) whose image token is nearest to that word's embedding, the same for the shape names' tokens alone, and
+    the share of scenes whose count phrase + first object slot are all right."""
     from .scenes import EVAL
 
     scenes = [scene_from_seed(EVAL.seed(k)) for k in TRANSCRIPT_EVAL_SEEDS]
-    right_words = words = first_right = 0
+    shape_ids = torch.tensor(sorted({i for shape in SHAPES for i in recipe.text_ids(" " + shape)}))
+    right_words = words = first_right = right_shapes = shapes = 0
     head = layout.count_width + layout.object_width
     with torch.no_grad():
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
-            pixels = torch.stack([recipe.pixels(s.draw()).reshape(-1, *model.image_shape)[0] for s in chunk])
+            pixels = torch.stack([scene_pixels(recipe, s) for s in chunk])
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 tokens = model.image_tokens(pixels)
             target = model.lookup[torch.tensor([layout.ids(recipe.text_ids, s) for s in chunk])]
@@ -541,37 +628,33 @@ def transcript_accuracy(model: TranscriptModel, recipe: VisionRecipe, layout, ba
             is_word = (target != model.fill_index) & (target >= 0)
             right_words += int(right[is_word].sum())
             words += int(is_word.sum())
+            is_shape = torch.isin(model.vocabulary_ids[target.clamp(min=0)], shape_ids) & is_word
+            right_shapes += int(right[is_shape].sum())
+            shapes += int(is_shape.sum())
             first_right += int(right[:, :head].all(-1).sum())
-    return {"word_accuracy": round(right_words / max(1, words), 4), "first_object_exact": round(first_right / len(scenes), 4)}
+    return {"word_accuracy": round(right_words / max(1, words), 4), "shape_word_accuracy": round(right_shapes / max(1, shapes), 4),
+            "first_object_exact": round(first_right / len(scenes), 4)}
 
 
-def train_transcript(vlm, recipe: VisionRecipe, args: VisionTrainingArguments, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Stage 1: `args.transcript_steps` steps of `TranscriptModel` (vision tower + connector in place), resumable in
-    `<args.output_dir>/transcript`; returns the held-out `transcript_accuracy` and the run's numbers."""
-    import time
-
-    from .transcripts import TranscriptLayout
-
-    if recipe.text_ids is None:
-        raise ValueError(f"the {recipe.name} recipe has no text_ids: stage 1 needs the text model's tokenizer")
-    image_tokens = recipe.connector(recipe.vision(pixel_values=torch.zeros(1, 3, recipe.vision.config.image_size, recipe.vision.config.image_size)).last_hidden_state).shape[1]
-    layout = TranscriptLayout.for_tokenizer(recipe.text_ids, image_tokens)
-    patches = recipe.vision.config.image_size // recipe.vision.config.patch_size
-    model = TranscriptModel(recipe, vlm.get_input_embeddings().weight, transcript_vocabulary(recipe, layout), layout.fill_id,
-                            args.transcript_fill_weight, args.dense_weight, args.seed)
-    stage_args = VisionTrainingArguments(
-        output_dir=str(Path(args.output_dir) / "transcript"), connector_lr_scale=1.0, max_steps=args.transcript_steps,
-        per_device_train_batch_size=args.transcript_batch_size, learning_rate=args.transcript_learning_rate,
+def _stage_arguments(args: VisionTrainingArguments, folder: str, steps: int, learning_rate: float, vision_lr_scale: float = 1.0) -> VisionTrainingArguments:
+    """The `Trainer` arguments of stage 0 or 1 (vision tower + connector alone, in `<output_dir>/<folder>`): the
+    vision tower at `vision_lr_scale` x `learning_rate`, the connector at `learning_rate`."""
+    return VisionTrainingArguments(
+        output_dir=str(Path(args.output_dir) / folder), learning_rate=learning_rate * vision_lr_scale, connector_lr_scale=1.0 / vision_lr_scale,
+        max_steps=steps, per_device_train_batch_size=args.transcript_batch_size,
         weight_decay=args.weight_decay, adam_beta2=args.adam_beta2, max_grad_norm=args.max_grad_norm, warmup_steps=100,
         lr_scheduler_type="cosine", bf16=args.bf16, use_cpu=args.use_cpu, logging_steps=50, save_steps=250, save_total_limit=2,
         report_to="none", remove_unused_columns=False, dataloader_num_workers=args.dataloader_num_workers, seed=args.seed,
         disable_tqdm=args.disable_tqdm,
     )
-    dataset = TranscriptSet(recipe, layout, args.transcript_steps * args.transcript_batch_size, patches, args.seed)
-    log(f"[{recipe.name}] stage 1: {args.transcript_steps} steps x {args.transcript_batch_size} fresh scenes, image tokens -> "
-        f"transcripts ({layout.count_width} + {layout.slots} x {layout.object_width} tokens + background), dense targets at vision layer {model.middle_layer}")
-    trainer = VisionTrainer(model=model, args=stage_args, train_dataset=dataset)
-    resume = last_checkpoint(Path(stage_args.output_dir))
+
+
+def _train_stage(trainer: Trainer, recipe: VisionRecipe) -> tuple[str | None, float]:
+    """Run (or resume) a vision-only stage with eager attention (SDPA's backward costs about twice eager's on CPU);
+    returns (the checkpoint it resumed from, seconds)."""
+    import time
+
+    resume = last_checkpoint(Path(trainer.args.output_dir))
     started = time.perf_counter()
     implementation = recipe.vision.config._attn_implementation
     recipe.vision.set_attn_implementation("eager")
@@ -579,10 +662,55 @@ def train_transcript(vlm, recipe: VisionRecipe, args: VisionTrainingArguments, l
         trainer.train(resume_from_checkpoint=resume)
     finally:
         recipe.vision.set_attn_implementation(implementation)
+    return resume, round(time.perf_counter() - started, 1)
+
+
+def _stage_layout(recipe: VisionRecipe):
+    from .transcripts import TranscriptLayout
+
+    if recipe.text_ids is None:
+        raise ValueError(f"the {recipe.name} recipe has no text_ids: stages 0 and 1 need the text model's tokenizer")
+    size = recipe.vision.config.image_size
+    image_tokens = recipe.connector(recipe.vision(pixel_values=torch.zeros(1, 3, size, size)).last_hidden_state).shape[1]
+    return TranscriptLayout.for_tokenizer(recipe.text_ids, image_tokens), size // recipe.vision.config.patch_size
+
+
+def train_shapes(recipe: VisionRecipe, args: VisionTrainingArguments, log: Callable[[str], None] = print) -> tuple[dict[str, Any], ShapeWarmupModel]:
+    """Stage 0: `args.shape_steps` steps of `ShapeWarmupModel` (the vision tower in place) on stage 1's fresh
+    scenes, resumable in `<args.output_dir>/shapes`; returns the held-out `shape_accuracy` + the run's numbers, and
+    the model (its object head goes on into stage 1)."""
+    layout, patches = _stage_layout(recipe)
+    model = ShapeWarmupModel(recipe, args.seed)
+    stage_args = _stage_arguments(args, "shapes", args.shape_steps, args.shape_learning_rate)
+    dataset = TranscriptSet(recipe, layout, args.shape_steps * args.transcript_batch_size, patches, args.seed + 1)
+    log(f"[{recipe.name}] stage 0: {args.shape_steps} steps x {args.transcript_batch_size} fresh scenes, the vision tower alone learns "
+        f"each object's shape (peak learning rate {args.shape_learning_rate:g})")
+    trainer = VisionTrainer(model=model, args=stage_args, train_dataset=dataset)
+    resume, seconds = _train_stage(trainer, recipe)
+    accuracy = shape_accuracy(model, recipe, layout)
+    log(f"[{recipe.name}] stage 0 done: held-out object shapes right {accuracy:.1%}")
+    return {"steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": seconds, "shape_accuracy": accuracy,
+            "log_history": [h for h in trainer.state.log_history if "loss" in h]}, model
+
+
+def train_transcript(vlm, recipe: VisionRecipe, args: VisionTrainingArguments, log: Callable[[str], None] = print,
+                     object_head: nn.Module | None = None) -> dict[str, Any]:
+    """Stage 1: `args.transcript_steps` steps of `TranscriptModel` (vision tower + connector in place), resumable in
+    `<args.output_dir>/transcript`; `object_head`: stage 0's, for `args.object_shape_weight`. Returns the held-out
+    `transcript_accuracy` and the run's numbers."""
+    layout, patches = _stage_layout(recipe)
+    model = TranscriptModel(recipe, vlm.get_input_embeddings().weight, transcript_vocabulary(recipe, layout), layout.fill_id,
+                            args.transcript_fill_weight, args.dense_weight, args.seed, args.object_shape_weight, object_head)
+    stage_args = _stage_arguments(args, "transcript", args.transcript_steps, args.transcript_learning_rate, args.transcript_vision_lr_scale)
+    dataset = TranscriptSet(recipe, layout, args.transcript_steps * args.transcript_batch_size, patches, args.seed)
+    log(f"[{recipe.name}] stage 1: {args.transcript_steps} steps x {args.transcript_batch_size} fresh scenes, image tokens -> "
+        f"transcripts ({layout.count_width} + {layout.slots} x {layout.object_width} tokens + background), dense targets at vision layer {model.middle_layer}")
+    trainer = VisionTrainer(model=model, args=stage_args, train_dataset=dataset)
+    resume, seconds = _train_stage(trainer, recipe)
     accuracy = transcript_accuracy(model, recipe, layout)
-    log(f"[{recipe.name}] stage 1 done: held-out transcript words right {accuracy['word_accuracy']:.1%}, "
-        f"count + first object exact {accuracy['first_object_exact']:.1%}")
-    return {"steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": round(time.perf_counter() - started, 1),
+    log(f"[{recipe.name}] stage 1 done: held-out transcript words right {accuracy['word_accuracy']:.1%} (shape words "
+        f"{accuracy['shape_word_accuracy']:.1%}), count + first object exact {accuracy['first_object_exact']:.1%}")
+    return {"steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": seconds,
             "layout": dataclasses.asdict(layout), "middle_layer": model.middle_layer, **accuracy,
             "log_history": [h for h in trainer.state.log_history if "loss" in h]}
 
@@ -613,6 +741,31 @@ def last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def load_initial_weights(vlm, recipe: VisionRecipe, path: str, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Put the vision tower (and, when the file has them, the connector) of `path` into `vlm` before any stage; returns
+    the file's probe-head tensors (a checkpoint of the mixture stage has them) for the mixture's probe.
+
+    Keys are those of the trained-tensor checkpoints (`vlm.model.vision_model...`); a file without the whole vision
+    tower, or with tensors that belong to neither part, is refused before anything loads."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    parts = {"vision tower": set(recipe.vision.parameters()), "connector": set(recipe.connector.parameters())}
+    names = {part: {"vlm." + n for n, p in vlm.named_parameters() if p in params} for part, params in parts.items()}
+    probe = {k: v for k, v in tensors.items() if k.startswith("probe_")}
+    if unknown := sorted(set(tensors) - names["vision tower"] - names["connector"] - set(probe)):
+        raise ValueError(f"{path} has tensors that are not this target's vision tower or connector, e.g. {unknown[:3]}")
+    if missing := sorted(names["vision tower"] - set(tensors)):
+        raise ValueError(f"{path} lacks {len(missing)} of the vision tower's tensors, e.g. {missing[:3]}")
+    present = names["connector"] & set(tensors)
+    if present and present != names["connector"]:
+        raise ValueError(f"{path} has {len(present)} of the connector's {len(names['connector'])} tensors: all or none")
+    has_connector = bool(present)
+    vlm.load_state_dict({k.removeprefix("vlm."): v for k, v in tensors.items() if k not in probe}, strict=False)
+    log(f"[{recipe.name}] starting from the vision tower{' and connector' if has_connector else ' (the connector starts fresh)'} of {path}")
+    return probe
+
+
 def train_vision(
     vlm, recipe: VisionRecipe, scene_examples: list[InstructionExample], args: VisionTrainingArguments, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -621,25 +774,18 @@ def train_vision(
     Returns a summary: steps, wall time, the last logged losses and the log history."""
     import time
 
-    transcript = train_transcript(vlm, recipe, args, log) if args.transcript_steps > 0 else None
+    probe_tensors = load_initial_weights(vlm, recipe, args.init_weights, log) if args.init_weights else {}
+    shapes, shape_model = train_shapes(recipe, args, log) if args.shape_steps > 0 else (None, None)
+    object_head = shape_model.object_head if shape_model is not None else None
+    transcript = train_transcript(vlm, recipe, args, log, object_head) if args.transcript_steps > 0 else None
     dataset = VisionTrainingSet(recipe, scene_examples, args)
     counts = dataset.counts()
     log(f"[{recipe.name}] {len(dataset):,} training slots: {counts['response']:,} of {len(dataset.responses):,} responses, "
         f"{counts['easy-vqa']:,} easy-VQA questions (of {len(dataset.questions):,}), {counts['caption']:,} captions of fresh scenes")
     wrapper = VisionTrainingModel(vlm, recipe, seed=args.seed)
     wrapper.probe_weight = args.probe_weight
-    if args.init_weights:
-        from safetensors.torch import load_file
-
-        tensors = load_file(args.init_weights)
-        if any(k.startswith("probe_") for k in tensors):  # a checkpoint of this loop
-            wrapper.load_state_dict(tensors)
-        else:  # vision tower + connector only (e.g. a stage-1 result): the probe heads start fresh
-            towers = {k for k in wrapper.trainable_names() if not k.startswith("probe_")}
-            if missing := sorted(towers - set(tensors)):
-                raise ValueError(f"{args.init_weights} lacks {len(missing)} vision/connector tensors, e.g. {missing[:3]}")
-            super(VisionTrainingModel, wrapper).load_state_dict({k: tensors[k] for k in towers}, strict=False)
-        log(f"[{recipe.name}] starting from the trained tensors of {args.init_weights}")
+    if probe_tensors:  # a checkpoint of this loop: its probe heads too
+        super(VisionTrainingModel, wrapper).load_state_dict(probe_tensors, strict=False)
     originals = cast_frozen(recipe.text_model, torch.bfloat16)
     head = vlm.get_output_embeddings()
     head_originals = cast_frozen(head, torch.bfloat16) if head.weight.dtype != torch.bfloat16 else {}
@@ -678,6 +824,7 @@ def train_vision(
         "final_token_accuracy": mean("token_accuracy"),
         "final_probe_loss": mean("probe_loss"),
         "log_history": history,
+        "shape_stage": shapes,
         "transcript_stage": transcript,
         "arguments": {k: v for k, v in json.loads(args.to_json_string()).items() if k in _RECORDED_ARGUMENTS},
     }
@@ -686,10 +833,11 @@ def train_vision(
 _RECORDED_ARGUMENTS = (
     "max_steps", "per_device_train_batch_size", "learning_rate", "weight_decay", "adam_beta2", "warmup_steps", "lr_scheduler_type",
     "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "init_weights", "probe_scenes_per_step",
+    "shape_steps", "shape_learning_rate", "object_shape_weight", "transcript_vision_lr_scale",
     "transcript_steps", "transcript_batch_size", "transcript_learning_rate", "transcript_fill_weight", "dense_weight",
 )
 
 __all__ = [
-    "TranscriptModel", "TranscriptSet", "VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet",
-    "train_transcript", "train_vision",
+    "ShapeWarmupModel", "TranscriptModel", "TranscriptSet", "VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet",
+    "train_shapes", "train_transcript", "train_vision",
 ]

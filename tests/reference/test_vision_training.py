@@ -209,3 +209,70 @@ def test_stage_one_trains_the_image_tokens_towards_the_transcript(target, tmp_pa
     again = vision_training.train_transcript(model, recipe, run, log=lambda message: None)  # complete: resumes, trains no more
     assert again["resumed_from"].endswith("checkpoint-3") and again["steps"] == 3
 
+
+
+def test_stage_zero_trains_the_tower_on_object_shapes_and_hands_its_head_to_stage_one(target, tmp_path, monkeypatch):
+    from hf_dream.reference import vision_training
+
+    name, model, processor, recipe = target
+    monkeypatch.setattr(vision_training, "TRANSCRIPT_EVAL_SEEDS", range(4))
+    run = args(tmp_path, shape_steps=2, transcript_steps=2, transcript_batch_size=2, object_shape_weight=1.0, transcript_vision_lr_scale=0.1)
+    connector = {k: v.clone() for k, v in recipe.connector.state_dict().items()}
+    vision = {k: v.clone() for k, v in recipe.vision.state_dict().items()}
+    record, shape_model = vision_training.train_shapes(recipe, run, log=lambda message: None)
+    assert record["steps"] == 2 and 0.0 <= record["shape_accuracy"] <= 1.0
+    assert any(not torch.equal(vision[k], v) for k, v in recipe.vision.state_dict().items())
+    assert all(torch.equal(connector[k], v) for k, v in recipe.connector.state_dict().items())  # stage 0: the tower alone
+    assert (tmp_path / "run" / "shapes" / "checkpoint-2").is_dir()
+    head = shape_model.object_head.weight.detach().clone()
+    stage_one = vision_training.train_transcript(model, recipe, run, log=lambda message: None, object_head=shape_model.object_head)
+    assert 0.0 <= stage_one["shape_word_accuracy"] <= 1.0
+    assert not torch.equal(head, shape_model.object_head.weight)  # stage 1 trains stage 0's head on (object_shape_weight)
+    groups = vision_training._stage_arguments(run, "transcript", 2, run.transcript_learning_rate, run.transcript_vision_lr_scale)
+    assert groups.learning_rate == pytest.approx(run.transcript_learning_rate * 0.1)
+    assert groups.learning_rate * groups.connector_lr_scale == pytest.approx(run.transcript_learning_rate)
+
+
+def test_object_shape_logits_pool_each_objects_own_patches():
+    from hf_dream.reference.vision_training import object_shape_logits
+
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [9.0, 9.0]]])  # patches of object 0, 0, 1, background
+    owner = torch.tensor([[0, 0, 1, 4]])  # 4 = background
+    shapes = torch.tensor([[2, 7, -100, -100]])
+    logits, targets = object_shape_logits(torch.nn.Identity(), hidden, owner, shapes)
+    assert torch.equal(targets, torch.tensor([2, 7]))
+    assert torch.allclose(logits, torch.tensor([[2.0, 0.0], [0.0, 5.0]]))
+
+
+def test_initial_weights_may_be_a_vision_tower_alone_and_wrong_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_dream.reference.vision_training import load_initial_weights
+
+    model, processor, recipe = tiny_target("smolvlm-ref")
+    tower = {"vlm.model.vision_model." + k: v + 1.0 for k, v in recipe.vision.state_dict().items()}
+    save_file(tower, tmp_path / "tower.safetensors")
+    connector = {k: v.clone() for k, v in recipe.connector.state_dict().items()}
+    messages = []
+    assert load_initial_weights(model, recipe, str(tmp_path / "tower.safetensors"), log=messages.append) == {}
+    assert all(torch.equal(v, tower["vlm.model.vision_model." + k]) for k, v in recipe.vision.state_dict().items())
+    assert all(torch.equal(connector[k], v) for k, v in recipe.connector.state_dict().items())
+    assert "connector starts fresh" in messages[0]
+    save_file({**tower, "vlm.model.text_model.norm.weight": torch.ones(2)}, tmp_path / "text.safetensors")
+    with pytest.raises(ValueError, match="not this target's vision tower or connector"):
+        load_initial_weights(model, recipe, str(tmp_path / "text.safetensors"))
+    half = dict(list(tower.items())[1:])
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match="lacks 1 of the vision tower"):
+        load_initial_weights(model, recipe, str(tmp_path / "half.safetensors"))
+
+
+def test_train_arg_sets_any_vision_training_field_by_its_type_and_names_a_typo():
+    from hf_dream.reference.commands import _training_overrides
+
+    assert _training_overrides(["transcript_vision_lr_scale=0.1", "shape_steps=300", "bf16=false"]) == {
+        "transcript_vision_lr_scale": 0.1, "shape_steps": 300, "bf16": False}
+    with pytest.raises(SystemExit, match="did you mean 'shape_steps'"):
+        _training_overrides(["shape_step=3"])
+    with pytest.raises(SystemExit, match="shape_steps needs a value of type int"):
+        _training_overrides(["shape_steps=many"])

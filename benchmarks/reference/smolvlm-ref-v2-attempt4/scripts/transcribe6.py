@@ -1,6 +1,6 @@
 """(attempt 4: + VISION_LR, the vision tower's own peak rate (default LR), and OBJ_W, an object-mean shape head at the last layer.) Vision-only transcription from a pre-rendered pool + dense per-patch heads at a middle layer (LAST=1: also at the last layer; SHAPE_W: weight of the shape words). args: steps out layout layers [init]. env THREADS LR BS SPACE_W DENSE_W LAST SHAPE_W"""
 import os, sys, time, math, dataclasses, torch, torch.nn.functional as F
-sys.path.insert(0, "benchmarks/reference/smolvlm-ref-v2-attempt4/scripts")
+sys.path.insert(0, "benchmarks/reference/smolvlm-ref-v2-attempt3/scripts")  # its layouts.py
 from layouts import layout
 from safetensors.torch import load_file, save_file
 from hf_dream.reference import smolvlm

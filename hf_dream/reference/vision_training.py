@@ -462,6 +462,15 @@ def scene_pixels(recipe: VisionRecipe, scene) -> torch.Tensor:
     return pixels.reshape(pixels.shape[-3:])
 
 
+def dense_patch_loss(heads: nn.ModuleDict, hidden: torch.Tensor, patch_targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over `heads` of the per-patch cross-entropy against `patch_<name>` targets, background patches weighted 0.2."""
+    weight = torch.where(patch_targets["patch_object"] == DENSE_HEADS["object"] - 1, 0.2, 1.0).flatten()
+    return sum(
+        (F.cross_entropy(head(hidden).flatten(0, 1), patch_targets[f"patch_{name}"].flatten(), reduction="none") * weight).sum() / weight.sum()
+        for name, head in heads.items()
+    )
+
+
 def object_shape_logits(head: nn.Module, hidden: torch.Tensor, patch_object: torch.Tensor, object_shape: torch.Tensor):
     """(logits, targets) of each object's shape from the mean of its patches' features `hidden` [B, patches, H];
     objects with no patch (or past the last object) are left out."""
@@ -493,12 +502,7 @@ class ShapeWarmupModel(nn.Module):
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state.float()
         logits, targets = object_shape_logits(self.object_head, hidden, patch_object, object_shape)
         object_loss = F.cross_entropy(logits, targets)
-        patch_weight = torch.where(patch_object == DENSE_HEADS["object"] - 1, 0.2, 1.0).flatten()
-        patch_loss = sum(
-            (F.cross_entropy(head(hidden).flatten(0, 1), patch_targets[f"patch_{name}"].flatten(), reduction="none") * patch_weight).sum()
-            / patch_weight.sum()
-            for name, head in self.patch_heads.items()
-        )
+        patch_loss = dense_patch_loss(self.patch_heads, hidden, {"patch_object": patch_object, **patch_targets})
         with torch.no_grad():
             self.last_metrics = {"object_loss": object_loss.item(), "patch_loss": patch_loss.item(),
                                  "shape_accuracy": (logits.argmax(-1) == targets).float().mean().item()}
@@ -576,14 +580,7 @@ class TranscriptModel(nn.Module):
         token_loss = (token_loss * weight.flatten()).sum() / weight.sum()
         distance = ((tokens - self.vocabulary_embeddings[target.clamp(min=0)]) ** 2).mean(-1) / self.scale**2
         distance = (distance * weight).sum() / weight.sum()
-        middle = middle.float()
-        background = patch_targets["patch_object"] == DENSE_HEADS["object"] - 1
-        patch_weight = torch.where(background, 0.2, 1.0).flatten()
-        dense_loss = sum(
-            (F.cross_entropy(head(middle).flatten(0, 1), patch_targets[f"patch_{name}"].flatten(), reduction="none") * patch_weight).sum()
-            / patch_weight.sum()
-            for name, head in self.dense_heads.items()
-        )
+        dense_loss = dense_patch_loss(self.dense_heads, middle.float(), patch_targets)
         loss = token_loss + distance + self.dense_weight * dense_loss
         if self.object_shape_weight and object_shape is not None:
             logits, targets = object_shape_logits(self.object_head, last.float(), patch_targets["patch_object"], object_shape)

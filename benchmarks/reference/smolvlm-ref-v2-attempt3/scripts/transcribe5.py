@@ -1,4 +1,4 @@
-"""Vision-only transcription from a pre-rendered pool + dense per-patch heads at a middle layer (LAST=1: also at the last layer; SHAPE_W: weight of the shape words). args: steps out layout layers [init]. env THREADS LR BS SPACE_W DENSE_W LAST SHAPE_W"""
+"""Vision-only transcription from a pre-rendered pool + dense per-patch heads at a middle layer (LAST=1: also at the last layer; SHAPE_W: weight of the shape words; attempt 4 added VISION_LR, the vision tower's own peak rate (default LR), and OBJ_W, an object-mean shape head at the last layer (default 0: off)). args: steps out layout layers [init]. env THREADS LR BS SPACE_W DENSE_W LAST SHAPE_W VISION_LR OBJ_W"""
 import os, sys, time, math, dataclasses, torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks/reference/smolvlm-ref-v2-attempt3/scripts")
 from layouts import layout
@@ -41,7 +41,8 @@ DENSE_W = float(os.environ.get("DENSE_W", "1.0"))
 hidden = vision.config.hidden_size
 LAST = int(os.environ.get("LAST", "0")); SHAPE_W = float(os.environ.get("SHAPE_W", "1"))
 mk = lambda: torch.nn.ModuleDict({"rank": torch.nn.Linear(hidden, 5), "shape": torch.nn.Linear(hidden, 11), "color": torch.nn.Linear(hidden, 13), "size": torch.nn.Linear(hidden, 4)})
-heads = mk(); lheads = mk()
+heads = mk(); lheads = mk(); objhead = torch.nn.Linear(hidden, 10)
+OBJ_W = float(os.environ.get('OBJ_W', '0')); VISION_LR = float(os.environ.get('VISION_LR', str(lr)))
 from hf_dream.reference.scenes import SHAPES
 shape_idx = torch.tensor([index[tok(" "+s_, add_special_tokens=False).input_ids[0]] for s_ in SHAPES])
 is_shape = torch.zeros(len(vocab), dtype=torch.bool); is_shape[shape_idx] = True
@@ -55,11 +56,11 @@ def dense_targets(idx):
     obj = (m - 1).clamp(min=0)
     g = lambda j, bg: torch.where(m > 0, torch.gather(a[..., j], 1, obj), torch.full_like(m, bg))
     return {"rank": torch.where(m > 0, m - 1, 4), "shape": g(0, 10), "color": g(1, 12), "size": g(2, 3)}
-params = list(vision.parameters()) + list(connector.parameters()) + list(heads.parameters()) + list(lheads.parameters())
+params = list(vision.parameters()) + list(connector.parameters()) + list(heads.parameters()) + list(lheads.parameters()) + list(objhead.parameters())
 for p in model.parameters(): p.requires_grad_(False)
 for p in params: p.requires_grad_(True)
 print("trainable", sum(p.numel() for p in params), flush=True)
-opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+opt = torch.optim.AdamW([{'params': list(vision.parameters()) + list(heads.parameters()) + list(lheads.parameters()) + list(objhead.parameters()), 'lr': VISION_LR}, {'params': list(connector.parameters()), 'lr': lr}], weight_decay=0.01, betas=(0.9, 0.98))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps))))
 g = torch.Generator().manual_seed(0)
 t0 = time.time()
@@ -78,6 +79,12 @@ for step in range(steps):
     w = torch.where(is_shape[y], SHAPE_W, w)
     ce = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum() / w.sum()
     mse = ((out - Ev[y]) ** 2).mean(-1).mul(w).sum() / w.sum() / (scale * scale)
+    if OBJ_W:
+        m = MAPS[idx].flatten(1); X, Yo = [], []
+        for k in range(4):
+            ww = (m == k + 1).float(); ok = ww.sum(1) > 0
+            X.append((last.float() * ww[..., None]).sum(1)[ok] / ww.sum(1)[ok][:, None]); Yo.append(ATTRS[idx][ok, k, 0])
+        lo = objhead(torch.cat(X)); Yo = torch.cat(Yo); dense = dense + OBJ_W / max(DENSE_W, 1e-9) * F.cross_entropy(lo, Yo)
     loss = ce + mse + DENSE_W * dense
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
     if step % 250 == 0 or step == steps - 1:

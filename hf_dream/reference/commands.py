@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--shape-steps", type=int, default=defaults["shape_steps"], help="build --retrain: stage-0 steps in which the vision tower alone learns the objects' shapes (VisionTrainingArguments.shape_steps)")
     build.add_argument("--transcript-steps", type=int, default=defaults["transcript_steps"], help="build --retrain: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps)")
     build.add_argument("--train-arg", action="append", default=[], metavar="FIELD=VALUE", help="build --retrain: set any other VisionTrainingArguments field, e.g. --train-arg transcript_vision_lr_scale=0.1 (repeatable; checked before anything loads)")
-    build.add_argument("--init-weights", default=None, help="build --retrain: start every stage from a vision-training checkpoint's model.safetensors or a vision tower alone (VisionTrainingArguments.init_weights; a fresh schedule)")
+    build.add_argument("--init-weights", default=None, help="build --retrain: start every stage from a vision-training checkpoint's model.safetensors, a build's --weights file or a vision tower alone (VisionTrainingArguments.init_weights; a fresh schedule)")
     build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
     evaluation = parser.add_argument_group("eval")

@@ -79,7 +79,7 @@ class VisionTrainingArguments(TrainingArguments):
     transcript_learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "stage 1: peak learning rate (default 1e-3)"})
     transcript_fill_weight: float = dataclasses.field(default=0.2, metadata={"help": "stage 1: weight of the transcript's fill positions against its words' (default 0.2)"})
     dense_weight: float = dataclasses.field(default=1.0, metadata={"help": "stage 1: weight of the dense per-patch targets (default 1.0)"})
-    init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start every stage from the trained tensors of this file instead of the random init: a checkpoint of any stage (`checkpoint-N/model.safetensors`) or a vision tower alone (keys `vlm.model.vision_model.*`; the connector then starts fresh); a fresh schedule (default None)"})
+    init_weights: str | None = dataclasses.field(default=None, metadata={"help": "start every stage from the trained tensors of this file instead of the random init: a checkpoint of any stage (`checkpoint-N/model.safetensors`), a build's weights file (`build --retrain --weights`) or a vision tower alone (keys `vlm.model.vision_model.*`; the connector then starts fresh); a fresh schedule (default None)"})
     probe_scenes_per_step: int = dataclasses.field(default=16, metadata={"help": "extra freshly drawn training scenes per step that only the probe sees (vision tower + connector, no text model: cheap); they show the vision tower far more scenes than there are responses (default 16)"})
 
     def __post_init__(self):
@@ -742,11 +742,15 @@ def load_initial_weights(vlm, recipe: VisionRecipe, path: str, log: Callable[[st
     """Put the vision tower (and, when the file has them, the connector) of `path` into `vlm` before any stage; returns
     the file's probe-head tensors (a checkpoint of the mixture stage has them) for the mixture's probe.
 
-    Keys are those of the trained-tensor checkpoints (`vlm.model.vision_model...`); a file without the whole vision
-    tower, or with tensors that belong to neither part, is refused before anything loads."""
+    Keys are those of the trained-tensor checkpoints (`vlm.model.vision_model...`) or of a build's weights file
+    (`model.vision_model...`, what `build --retrain --weights` writes; its added-token rows, which no stage trains,
+    are left as they are); a file without the whole vision tower, or with tensors that belong to neither part, is
+    refused before anything loads."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
+    if not any(k.startswith("vlm.") for k in tensors):  # a build's weights file
+        tensors = {"vlm." + k: v for k, v in tensors.items() if k != "added_token_embeddings"}
     parts = {"vision tower": set(recipe.vision.parameters()), "connector": set(recipe.connector.parameters())}
     names = {part: {"vlm." + n for n, p in vlm.named_parameters() if p in params} for part, params in parts.items()}
     probe = {k: v for k, v in tensors.items() if k.startswith("probe_")}

@@ -261,6 +261,10 @@ def test_initial_weights_may_be_a_vision_tower_alone_and_wrong_files_are_refused
     save_file({**tower, "vlm.model.text_model.norm.weight": torch.ones(2)}, tmp_path / "text.safetensors")
     with pytest.raises(ValueError, match="not this target's vision tower or connector"):
         load_initial_weights(model, recipe, str(tmp_path / "text.safetensors"))
+    build_file = {k.removeprefix("vlm."): v - 1.0 for k, v in tower.items()}  # what `build --retrain --weights` writes
+    save_file({**build_file, "added_token_embeddings": torch.zeros(1, 2)}, tmp_path / "build.safetensors")
+    load_initial_weights(model, recipe, str(tmp_path / "build.safetensors"))
+    assert all(torch.equal(v, build_file["model.vision_model." + k]) for k, v in recipe.vision.state_dict().items())
     half = dict(list(tower.items())[1:])
     save_file(half, tmp_path / "half.safetensors")
     with pytest.raises(ValueError, match="lacks 1 of the vision tower"):

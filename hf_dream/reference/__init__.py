@@ -84,13 +84,20 @@ def load_reference_target(
     dtype: torch.dtype = torch.float32,
     build_if_missing: bool = True,
     log: Callable[[str], None] = print,
+    weights_path: str | os.PathLike | None = None,
 ):
     """(model, processor) of the reference target `name`, built from the committed weights on first use.
 
-    `cache_dir` overrides the target's cache folder; `dtype` is the dtype the model is loaded in.
-    Raises `MissingReferenceAsset` (with the exact pip command) when a registry package is missing.
+    `cache_dir` overrides the target's cache folder; `dtype` is the dtype the model is loaded in; `weights_path`
+    another trained vision-weights file than the committed one (a retrain's `--weights`, measured before it is
+    committed: the cached build is rebuilt when it came from other weights). Raises `MissingReferenceAsset`
+    (with the exact pip command) when a registry package is missing.
     """
-    return _module(name).load(cache_dir=cache_dir, dtype=dtype, build_if_missing=build_if_missing, log=log)
+    module = _module(name)
+    weights = Path(weights_path) if weights_path is not None else module.WEIGHTS_PATH
+    if not weights.is_file():
+        raise FileNotFoundError(f"no vision weights at {weights}")
+    return module.load(cache_dir=cache_dir, dtype=dtype, build_if_missing=build_if_missing, weights_path=weights, log=log)
 
 
 def build_reference_target(name: str, retrain: bool = False, **kwargs: Any) -> dict[str, Any]:

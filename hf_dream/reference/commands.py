@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--transcript-steps", type=int, default=defaults["transcript_steps"], help="build --retrain: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps)")
     build.add_argument("--train-arg", action="append", default=[], metavar="FIELD=VALUE", help="build --retrain: set any other VisionTrainingArguments field, e.g. --train-arg transcript_vision_lr_scale=0.1 (repeatable; checked before anything loads)")
     build.add_argument("--init-weights", default=None, help="build --retrain: start every stage from a vision-training checkpoint's model.safetensors, a build's --weights file or a vision tower alone (VisionTrainingArguments.init_weights; a fresh schedule)")
-    build.add_argument("--weights", default=None, help="the trained vision weights file to read (build) or write (build --retrain); none: the committed one")
+    build.add_argument("--weights", default=None, help="the trained vision weights file to read (build, eval, ask, quality: a candidate measured before it is committed) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
     evaluation = parser.add_argument_group("eval")
     evaluation.add_argument("--split", default="test", choices=("test", "train"), help="eval: easy-VQA split")
@@ -194,7 +194,7 @@ def _quality(args: argparse.Namespace) -> int:
     from . import _module, load_reference_target
     from .quality import evaluate_quality, render_markdown
 
-    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype))
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype), weights_path=args.weights)
     report = {
         "command": _command_line(args), "date": now_iso(), "git_revision": _source_revision(), "machine": machine_description(),
         "target": args.name, "build_id": getattr(model.config, "hf_dream_reference_build", None),
@@ -225,7 +225,7 @@ def _eval(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"unknown image modes {bad}; choose among {easy_vqa.IMAGE_MODES}")
     dtype = _torch_dtype(args.dtype)
-    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=dtype)
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=dtype, weights_path=args.weights)
     results: dict[str, Any] = {}
     for mode in modes:
         started = time.perf_counter()
@@ -343,7 +343,7 @@ def _ask(args: argparse.Namespace) -> int:
 
     from . import build_prompt_inputs, load_reference_target
 
-    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype))
+    model, processor = load_reference_target(args.name, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype), weights_path=args.weights)
     image = Image.open(args.image) if args.image else None
     inputs = build_prompt_inputs(processor, image, args.prompt, dtype=model.dtype)
     with torch.inference_mode():

@@ -233,7 +233,8 @@ def ensure_built(name: str, build, cache_dir, weights_path: Path, build_if_missi
                 + (" (stale: other vision weights)" if stale else "")
                 + f": run `hf-dream reference build {name}`"
             )
-        log(f"[{name}] {'rebuilding (the committed vision weights changed)' if stale else 'not cached yet: building it (about a minute)'}")
+        reason = f"rebuilding (the cached build came from other vision weights than {weights_path})" if stale else "not cached yet: building it (about a minute)"
+        log(f"[{name}] {reason}")
         build(cache_dir=cache_dir, weights_path=weights_path, log=log)
     return reference_cache_dir(name, cache_dir)
 

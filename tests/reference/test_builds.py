@@ -56,3 +56,29 @@ def test_committed_reference_drafters_name_their_build():
     for name in ("dream-smolvlm-ref", "dream-gemma3-ref"):
         config = json.loads((root / name / "config.json").read_text())
         assert config.get("target_build", "").startswith(name.removeprefix("dream-") + "-v"), name
+
+
+def test_a_candidate_weights_file_is_loaded_in_place_of_the_committed_one(tmp_path, monkeypatch):
+    from hf_dream.reference import load_reference_target
+
+    seen = {}
+    monkeypatch.setattr(smolvlm, "load", lambda **kwargs: seen.update(kwargs) or ("model", "processor"))
+    with pytest.raises(FileNotFoundError, match="no vision weights at .*candidate.safetensors"):
+        load_reference_target("smolvlm-ref", weights_path=tmp_path / "candidate.safetensors")
+    assert not seen  # refused before anything loads
+    (tmp_path / "candidate.safetensors").write_bytes(b"x")
+    assert load_reference_target("smolvlm-ref", weights_path=tmp_path / "candidate.safetensors") == ("model", "processor")
+    assert seen["weights_path"] == tmp_path / "candidate.safetensors"
+    load_reference_target("smolvlm-ref")
+    assert seen["weights_path"] == smolvlm.WEIGHTS_PATH
+
+
+def test_a_stale_build_is_rebuilt_from_the_weights_asked_for(tiny_build, tmp_path):
+    _, record, folder = tiny_build
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"other weights")
+    calls = []
+    common.ensure_built(smolvlm.NAME, lambda **kwargs: calls.append(kwargs), folder, tmp_path / "w.safetensors", True, print)
+    assert calls == []  # built from these weights: kept
+    common.ensure_built(smolvlm.NAME, lambda **kwargs: calls.append(kwargs), folder, other, True, print)
+    assert [c["weights_path"] for c in calls] == [other]

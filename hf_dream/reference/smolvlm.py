@@ -396,6 +396,7 @@ def vision_recipe(model, processor, spec: VisionSpec | None = None):
         vqa_prompt=vqa_prompt,
         pad_token_id=processor.tokenizer.pad_token_id,
         text_ids=lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"],
+        untrained_keys=(ADDED_EMBEDDINGS_KEY,),
     )
 
 

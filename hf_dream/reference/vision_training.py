@@ -102,6 +102,7 @@ class VisionRecipe:
     vqa_prompt: Callable[[str], str]
     pad_token_id: int
     text_ids: Callable[[str], list[int]] | None = None  # text -> the text model's token ids, no special tokens (stage 1's transcripts)
+    untrained_keys: tuple[str, ...] = ()  # keys of the target's build weights file that no stage trains (e.g. added-token rows)
 
 
 @dataclasses.dataclass
@@ -743,14 +744,14 @@ def load_initial_weights(vlm, recipe: VisionRecipe, path: str, log: Callable[[st
     the file's probe-head tensors (a checkpoint of the mixture stage has them) for the mixture's probe.
 
     Keys are those of the trained-tensor checkpoints (`vlm.model.vision_model...`) or of a build's weights file
-    (`model.vision_model...`, what `build --retrain --weights` writes; its added-token rows, which no stage trains,
-    are left as they are); a file without the whole vision tower, or with tensors that belong to neither part, is
+    (`model.vision_model...`, what `build --retrain --weights` writes; its `recipe.untrained_keys`, which no stage
+    trains, are left as they are); a file without the whole vision tower, or with tensors that belong to neither part, is
     refused before anything loads."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
     if not any(k.startswith("vlm.") for k in tensors):  # a build's weights file
-        tensors = {"vlm." + k: v for k, v in tensors.items() if k != "added_token_embeddings"}
+        tensors = {"vlm." + k: v for k, v in tensors.items() if k not in recipe.untrained_keys}
     parts = {"vision tower": set(recipe.vision.parameters()), "connector": set(recipe.connector.parameters())}
     names = {part: {"vlm." + n for n, p in vlm.named_parameters() if p in params} for part, params in parts.items()}
     probe = {k: v for k, v in tensors.items() if k.startswith("probe_")}

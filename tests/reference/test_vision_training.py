@@ -247,6 +247,7 @@ def test_object_shape_logits_pool_each_objects_own_patches():
 def test_initial_weights_may_be_a_vision_tower_alone_and_wrong_files_are_refused(tmp_path):
     from safetensors.torch import save_file
 
+    from hf_dream.reference import smolvlm
     from hf_dream.reference.vision_training import load_initial_weights
 
     model, processor, recipe = tiny_target("smolvlm-ref")
@@ -262,7 +263,7 @@ def test_initial_weights_may_be_a_vision_tower_alone_and_wrong_files_are_refused
     with pytest.raises(ValueError, match="not this target's vision tower or connector"):
         load_initial_weights(model, recipe, str(tmp_path / "text.safetensors"))
     build_file = {k.removeprefix("vlm."): v - 1.0 for k, v in tower.items()}  # what `build --retrain --weights` writes
-    save_file({**build_file, "added_token_embeddings": torch.zeros(1, 2)}, tmp_path / "build.safetensors")
+    save_file({**build_file, smolvlm.ADDED_EMBEDDINGS_KEY: torch.zeros(1, 2)}, tmp_path / "build.safetensors")
     load_initial_weights(model, recipe, str(tmp_path / "build.safetensors"))
     assert all(torch.equal(v, build_file["model.vision_model." + k]) for k, v in recipe.vision.state_dict().items())
     half = dict(list(tower.items())[1:])

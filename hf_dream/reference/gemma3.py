@@ -87,6 +87,9 @@ GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {"repetition_p
 # line (it writes either after an answer); inside a sentence those words are other tokens (" Question").
 END_OF_ANSWER: dict[str, str] = {"v1": BLANK_LINE, "v2": BLANK_LINE + "Question"}
 STOP_WORDS: dict[str, tuple[str, ...]] = {"v1": (BLANK_LINE,), "v2": ("Question", "Answer")}
+# Tokens the generation config never lets the model write (`suppress_tokens`): the base model writes the image
+# delimiters as paragraph breaks (`benchmarks/reference/gemma3-ref-v2-formats/`); in a prompt they stay as they are.
+SUPPRESSED_TOKENS: dict[str, tuple[str, ...]] = {"v1": (), "v2": ("<start_of_image>", "<end_of_image>")}
 
 
 def stop_token_ids(tokenizer, version: str = TRAINING_VERSION) -> list[int]:
@@ -224,6 +227,8 @@ def assemble(text_lm, tokenizer, spec: VisionSpec = DEFAULT_SPEC, seed: int = 0,
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     for key, value in GENERATION_DEFAULTS[version].items():
         setattr(model.generation_config, key, value)
+    if SUPPRESSED_TOKENS[version]:
+        model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(SUPPRESSED_TOKENS[version]))
     drop_gguf_quantizer(model)
     return model.eval()
 

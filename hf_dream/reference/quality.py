@@ -120,7 +120,7 @@ def evaluate_quality(
     target = _module(name)
     tokenizer = processor.tokenizer
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    report: dict[str, Any] = {"generation_config": {k: getattr(model.generation_config, k) for k in ("repetition_penalty", "no_repeat_ngram_size", "eos_token_id")}}
+    report: dict[str, Any] = {"generation_config": {k: getattr(model.generation_config, k) for k in ("repetition_penalty", "no_repeat_ngram_size", "suppress_tokens", "eos_token_id")}}
 
     # --- open-ended answers on held-out scenes and photos: length and loops, with and without the shipped config
     rng = random.Random(11)

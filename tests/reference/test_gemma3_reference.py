@@ -99,6 +99,8 @@ def test_assembled_model_stops_at_the_next_question_and_keeps_the_text_weights(t
     blank_line = processor.tokenizer(gemma3.BLANK_LINE, add_special_tokens=False)["input_ids"][0]
     v1 = gemma3.assemble(text_lm, processor.tokenizer, seed=0, version="v1")
     assert v1.generation_config.eos_token_id == [1, blank_line] and v1.generation_config.repetition_penalty in (None, 1.0)
+    suppressed = processor.tokenizer.convert_ids_to_tokens(model.generation_config.suppress_tokens)
+    assert suppressed == ["<start_of_image>", "<end_of_image>"] and not v1.generation_config.suppress_tokens
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     ids = processor.tokenizer("Question: What shape?\nAnswer:", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -114,7 +114,8 @@ def response_mask(batch: dict) -> torch.Tensor:
 Encoder = Callable[[dict], dict]
 
 
-def _eos_ids(model) -> set[int]:
+def eos_token_ids(model) -> set[int]:
+    """The ids that end a response in `model`'s generation config (an empty set when it names none)."""
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
@@ -126,7 +127,7 @@ def regenerate_batch(model, encoded: list[dict], max_new_tokens: int, pad_token_
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **generate_kwargs)
     width = batch["input_ids"].shape[1]
-    eos = _eos_ids(model)
+    eos = eos_token_ids(model)
     rows = []
     for index, sample in enumerate(encoded):
         response = output[index, width:].tolist()
@@ -164,6 +165,7 @@ def prepare_dataset(
     target_spec: str | None = None,
     server: ServerRegeneration | None = None,
     image_dir: str | os.PathLike | None = None,
+    on_shard_saved: Callable[[int], object] | None = None,
     **generate_kwargs,
 ) -> Dataset:
     """Regenerate the responses of `source` with `model` and save a training-ready dataset.
@@ -177,7 +179,8 @@ def prepare_dataset(
     `output_dir/settings.json` records every setting, a hash of the source examples and the target's identity
     (model type, build, dtype, a fingerprint of its weights; `target_spec` is recorded to name it): resuming
     with another target, edited prompts or other settings is refused before any generation, naming the
-    difference, so that one dataset never mixes two runs. The hash covers the contents of the image files the
+    difference, so that one dataset never mixes two runs. `on_shard_saved(shard)` is called after each shard this
+    run writes (e.g. to export what is finished). The hash covers the contents of the image files the
     examples name by path (`image_dir`: the folder relative paths are resolved against, as `encode` opens them;
     default: the working directory), so an image edited in place is a difference too.
 
@@ -199,7 +202,7 @@ def prepare_dataset(
     if pad_token_id is None:
         pad_token_id = model.generation_config.pad_token_id
         if pad_token_id is None:
-            pad_token_id = min(_eos_ids(model) or {0})
+            pad_token_id = min(eos_token_ids(model) or {0})
     if server is not None and (do_sample or generate_kwargs):
         raise ValueError("Regeneration through a server is greedy and takes no generate() options.")
     settings = {
@@ -237,10 +240,9 @@ def prepare_dataset(
                 row["source_index"] = first + start + offset
                 rows.append(row)
             progress.update(len(chunk))
-        tmp = shard_dir / f".{shard:05d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _quiet_save(Dataset.from_list(rows), tmp)
-        tmp.rename(shard_dir / f"{shard:05d}")  # atomic: a shard is either complete or absent
+        write_shard(rows, shard_dir, shard)
+        if on_shard_saved is not None:
+            on_shard_saved(shard)
     progress.close()
 
     final = output_dir / "dataset"
@@ -251,6 +253,16 @@ def prepare_dataset(
         _quiet_save(dataset, final)
     ranks.wait()  # the final dataset is written
     return load_from_disk(str(final))
+
+
+def write_shard(rows: list[dict], shard_dir: Path, shard: int) -> Path:
+    """Save prepared `rows` as shard number `shard` of `shard_dir`, atomically: a shard is either complete or absent."""
+    tmp = shard_dir / f".{shard:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _quiet_save(Dataset.from_list(rows), tmp)
+    final = shard_dir / f"{shard:05d}"
+    tmp.rename(final)
+    return final
 
 
 @dataclass

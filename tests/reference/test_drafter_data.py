@@ -36,7 +36,17 @@ def test_plan_is_prefix_stable_mixes_scenes_and_easy_vqa_and_never_uses_evaluati
     questions = [p for p in long if p.source == "easy-vqa"]
     assert 0.08 < len(questions) / len(long) < 0.25
     assert all(p.image_id in TRAIN and p.image_id not in EVAL for p in scenes)
-    assert min(p.image_id for p in scenes) >= drafter_data.SCENE_SEED_OFFSET  # not the vision-training scenes
+    # none of the vision training's scenes: its responses (seeds 0..), probe (5,000,000..) and later kinds
+    from hf_dream.reference.vision_training import CAPTION_SEED_OFFSET, TRANSCRIPT_SEED_OFFSET, VisionCollator
+
+    first_vision_seed = min(VisionCollator.PROBE_SEED_OFFSET, CAPTION_SEED_OFFSET, TRANSCRIPT_SEED_OFFSET)
+    assert (
+        100_000
+        < drafter_data.SCENE_SEED_OFFSET
+        <= min(p.image_id for p in scenes)
+        < max(p.image_id for p in scenes)
+        < first_vision_seed
+    )
     assert len({p.kind for p in scenes}) >= 8  # the instruction mix, not one request
     heldout = all_wordings("heldout")
     assert not any(p.prompt in heldout for p in scenes)

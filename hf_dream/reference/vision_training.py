@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from . import easy_vqa
+from .common import RetrainStage
 from .instruction_data import InstructionExample
 from .scenes import COLORS, SHAPES, SIZES, TRAIN, scene_from_seed
 
@@ -773,6 +774,7 @@ def train_vision(
 ) -> dict[str, Any]:
     """Train `recipe.vision` and `recipe.connector` of `vlm` in place; resumes from the newest checkpoint in `args.output_dir`.
 
+    Stage 0 (`shape_steps`), stage 1 (`transcript_steps`) and the mixture (`max_steps`; 0: none) run in turn.
     Returns a summary: steps, wall time, the last logged losses and the log history."""
     import time
 
@@ -780,6 +782,10 @@ def train_vision(
     shapes, shape_model = train_shapes(recipe, args, log) if args.shape_steps > 0 else (None, None)
     object_head = shape_model.object_head if shape_model is not None else None
     transcript = train_transcript(vlm, recipe, args, log, object_head) if args.transcript_steps > 0 else None
+    if args.max_steps <= 0:  # a stage-0/1 run alone (Trainer would read max_steps=0 as "train for epochs")
+        vlm.eval()
+        return {"steps": 0, "shape_stage": shapes, "transcript_stage": transcript,
+                "arguments": {k: v for k, v in json.loads(args.to_json_string()).items() if k in _RECORDED_ARGUMENTS}}
     dataset = VisionTrainingSet(recipe, scene_examples, args)
     counts = dataset.counts()
     log(f"[{recipe.name}] {len(dataset):,} training slots: {counts['response']:,} of {len(dataset.responses):,} responses, "
@@ -832,6 +838,53 @@ def train_vision(
     }
 
 
+def train_vision_stages(
+    vlm,
+    recipe: VisionRecipe,
+    scene_examples: list[InstructionExample],
+    stages: tuple[RetrainStage, ...],
+    output_dir: str | Path,
+    save_weights: Callable[[Path], object],
+    init_weights: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run a committed recipe's `stages` in order on `vlm`, each with `train_vision` in `<output_dir>/<k>-<name>`.
+
+    A finished stage leaves `trained.safetensors` (written by `save_weights(path)`, the target's weights-file format)
+    and `summary.json` there; a rerun skips finished stages and resumes the unfinished one from its newest checkpoint,
+    so a killed retrain loses at most `save_steps` steps. The first stage starts from `init_weights` (none: the random
+    init). `overrides` are `VisionTrainingArguments` values for every stage (e.g. `disable_tqdm`). Returns a summary per
+    stage."""
+    if not stages:
+        raise ValueError(f"the {recipe.name} recipe has no stages")
+    unknown = sorted({key for stage in stages for key in stage.arguments} - {f.name for f in dataclasses.fields(VisionTrainingArguments)})
+    if unknown:
+        raise ValueError(f"the {recipe.name} recipe sets fields VisionTrainingArguments does not have: {unknown}")
+    root = Path(output_dir)
+    previous, summaries, trained_here = init_weights, [], False
+    for index, stage in enumerate(stages):
+        folder = root / f"{index}-{stage.name}"
+        done, summary_file = folder / "trained.safetensors", folder / "summary.json"
+        if done.is_file() and summary_file.is_file():
+            log(f"[{recipe.name}] stage {index + 1}/{len(stages)} ({stage.name}) already finished in {folder}")
+            summaries.append(json.loads(summary_file.read_text()))
+            previous, trained_here = str(done), False
+            continue
+        log(f"[{recipe.name}] stage {index + 1}/{len(stages)} ({stage.name}): {stage.arguments}")
+        args = VisionTrainingArguments(**{**stage.arguments, **(overrides or {}), "output_dir": str(folder), "init_weights": previous})
+        summary = {"stage": stage.name, "note": stage.note, **train_vision(vlm, recipe, scene_examples, args, log)}
+        save_weights(done)
+        tmp = summary_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, default=str))
+        tmp.replace(summary_file)
+        summaries.append(summary)
+        previous, trained_here = str(done), True
+    if not trained_here:  # every stage had finished before this run: the model still holds its initial weights
+        load_initial_weights(vlm, recipe, previous, log)
+    return {"stages": summaries, "steps": sum(s.get("steps", 0) for s in summaries)}
+
+
 _RECORDED_ARGUMENTS = (
     "max_steps", "per_device_train_batch_size", "learning_rate", "weight_decay", "adam_beta2", "warmup_steps", "lr_scheduler_type",
     "bf16", "seed", "max_response_tokens", "vqa_fraction", "caption_fraction", "connector_lr_scale", "probe_weight", "init_weights", "probe_scenes_per_step",
@@ -840,6 +893,6 @@ _RECORDED_ARGUMENTS = (
 )
 
 __all__ = [
-    "ShapeWarmupModel", "TranscriptModel", "TranscriptSet", "VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet",
-    "train_shapes", "train_transcript", "train_vision",
+    "RetrainStage", "ShapeWarmupModel", "TranscriptModel", "TranscriptSet", "VisionRecipe", "VisionTrainer", "VisionTrainingArguments", "VisionTrainingModel", "VisionTrainingSet",
+    "train_shapes", "train_transcript", "train_vision", "train_vision_stages",
 ]

@@ -281,3 +281,65 @@ def test_train_arg_sets_any_vision_training_field_by_its_type_and_names_a_typo()
         _training_overrides(["shape_step=3"])
     with pytest.raises(SystemExit, match="shape_steps needs a value of type int"):
         _training_overrides(["shape_steps=many"])
+
+
+def test_committed_recipe_runs_stage_by_stage_and_a_rerun_skips_finished_stages(tmp_path, monkeypatch):
+    from hf_dream.reference import vision_training
+    from hf_dream.reference.common import RetrainStage
+
+    monkeypatch.setattr(vision_training, "TRANSCRIPT_EVAL_SEEDS", range(4))
+    model, processor, recipe = tiny_target("smolvlm-ref")
+    small = dict(per_device_train_batch_size=2, transcript_batch_size=2, warmup_steps=1, save_steps=1, logging_steps=1, vqa_fraction=0.25)
+    stages = (
+        RetrainStage("shapes", {**small, "max_steps": 0, "shape_steps": 2}),
+        RetrainStage("transcript", {**small, "max_steps": 0, "transcript_steps": 2, "object_shape_weight": 1.0}),
+        RetrainStage("mixture", {**small, "max_steps": 2}),
+    )
+    saved = []
+
+    def save(path):
+        saved.append(path.parent.name)
+        smolvlm.save_trained_weights(model, path, {"name": "smolvlm-ref", "build_version": "v2"})
+
+    def run(vlm, vlm_recipe, log=lambda message: None):
+        return vision_training.train_vision_stages(
+            vlm, vlm_recipe, responses(6), stages, tmp_path / "stages", save, overrides={"disable_tqdm": True}, log=log)
+
+    summary = run(model, recipe)
+    assert [s["stage"] for s in summary["stages"]] == ["shapes", "transcript", "mixture"] and saved == ["0-shapes", "1-transcript", "2-mixture"]
+    assert summary["stages"][0]["shape_stage"]["steps"] == 2 and summary["stages"][0]["steps"] == 0  # no mixture pass in stage 0
+    assert summary["stages"][1]["transcript_stage"]["steps"] == 2 and summary["stages"][2]["steps"] == 2
+    # killed before the last stage finished: the rerun skips stages 0-1, starts stage 2 from stage 1's weights
+    import shutil
+
+    shutil.rmtree(tmp_path / "stages" / "2-mixture")
+    logs = []
+    summary = run(model, recipe, logs.append)
+    assert saved[-1] == "2-mixture" and len(saved) == 4
+    assert sum("already finished" in line for line in logs) == 2
+    assert any("starting from the vision tower and connector of" in line and "1-transcript" in line for line in logs)
+    # every stage finished: a fresh model ends with the last stage's weights
+    final = {k: v.clone() for k, v in recipe.connector.state_dict().items()}
+    model2, _, fresh_recipe = tiny_target("smolvlm-ref")
+    run(model2, fresh_recipe)
+    assert all(torch.equal(final[k], v) for k, v in fresh_recipe.connector.state_dict().items())
+    with pytest.raises(ValueError, match=r"does not have: \['max_stepz'\]"):
+        vision_training.train_vision_stages(model, recipe, [], (RetrainStage("x", {"max_stepz": 1}),), tmp_path / "x", save)
+
+
+def test_build_cli_runs_the_committed_recipe_unless_a_training_option_is_given(monkeypatch):
+    from hf_dream.cli import build_parser
+    from hf_dream.reference import commands
+
+    calls = []
+    monkeypatch.setattr(smolvlm, "build", lambda **kwargs: calls.append(kwargs) or {k: 0 for k in ("cache_dir", "training_seconds", "build_seconds")})
+    parse = lambda *extra: build_parser().parse_args(["reference", "build", "smolvlm-ref", *extra])  # noqa: E731
+    commands._build(parse("--retrain", "--init-weights", "w.safetensors"))
+    assert calls[-1]["training_args"] is None and calls[-1]["init_weights"] == "w.safetensors"
+    commands._build(parse("--retrain", "--steps", "7", "--train-arg", "vqa_fraction=0.5"))
+    one_run = calls[-1]["training_args"]
+    assert isinstance(one_run, VisionTrainingArguments) and one_run.max_steps == 7 and one_run.vqa_fraction == 0.5
+    assert one_run.learning_rate == VisionTrainingArguments(output_dir=None).learning_rate  # the rest: the defaults
+    with pytest.raises(SystemExit, match=r"training options \(max_steps\) need --retrain"):
+        commands._build(parse("--steps", "7"))
+    assert len(smolvlm.RETRAIN_STAGES) >= 3 and smolvlm.RETRAIN_STAGES[0].arguments["shape_steps"] > 0

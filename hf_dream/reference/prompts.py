@@ -2,6 +2,14 @@
 evaluation prompts on easy-VQA *test* images and on the photos bundled with scikit-image and
 scikit-learn. Training and evaluation never share an image or an instruction.
 
+`benchmark_sets` writes the three held-out sets of the v2 benchmarks (new evaluation scenes with the training
+instruction mix, new scenes with held-out wordings, the bundled photos):
+
+```python
+from hf_dream.reference.prompts import benchmark_sets
+benchmark_sets("bench_prompts", num=24)   # bench_prompts/{scenes,scenes-new-wordings,photos}/prompts.jsonl
+```
+
 Each set is written as a folder with `prompts.jsonl` (`{"image": relative path, "prompt": ...}`
 per line, the format of `hf-dream prepare-data --prompts` and `hf-dream bench --prompts`) and
 the images beside it.
@@ -15,6 +23,8 @@ import shutil
 from pathlib import Path
 
 from .easy_vqa import load_split
+from .instructions import instruction_for
+from .scenes import EVAL, scene_from_seed
 
 # Open-ended instructions make long responses, where drafting pays; short easy-VQA questions
 # keep the drafter calibrated on the answers the vision tower was trained for.
@@ -96,6 +106,48 @@ def evaluation_prompts(out_dir: str | Path, num_easy_vqa: int = 12, seed: int = 
         lines.append(json.dumps({"image": f"images/{name}.png", "prompt": EVAL_INSTRUCTIONS[index % len(EVAL_INSTRUCTIONS)]}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# v2 benchmark sets: evaluation scene seeds from this index on (the quality report uses the first few hundred)
+BENCHMARK_SEED_OFFSET = 100_000
+PHOTO_KINDS = ("describe", "story", "mood", "title", "child", "poem", "product")  # kinds that name no scene object
+BENCHMARK_SETS = ("scenes", "scenes-new-wordings", "photos")
+
+
+def benchmark_sets(out_dir: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
+    """The three held-out prompt sets of the v2 benchmarks, each a folder `out_dir/<set>/` with `prompts.jsonl` and
+    its images: `scenes` (new evaluation scene seeds, instructions of the training mix: training wordings),
+    `scenes-new-wordings` (other new evaluation seeds, the held-out wordings no training example uses) and `photos`
+    (the scikit-image / scikit-learn photos, each with several held-out open-ended instructions). `num` prompts per
+    set; the same arguments write the same files."""
+    out_dir = Path(out_dir)
+    paths = {}
+    for set_index, (name, split) in enumerate((("scenes", "train"), ("scenes-new-wordings", "heldout"))):
+        folder = out_dir / name
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for index in range(num):
+            scene_seed = EVAL.seed(BENCHMARK_SEED_OFFSET + set_index * 10_000 + seed * num + index)
+            scene = scene_from_seed(scene_seed)
+            _, text = instruction_for(scene, random.Random(scene_seed), split=split)
+            scene.draw().save(folder / "images" / f"scene-{scene_seed}.png")
+            lines.append(json.dumps({"image": f"images/scene-{scene_seed}.png", "prompt": text}))
+        paths[name] = folder / "prompts.jsonl"
+        paths[name].write_text("\n".join(lines) + "\n")
+    folder = out_dir / "photos"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    photos = list(_bundled_photos())
+    for name, image in photos:
+        image.save(folder / "images" / f"{name}.png")
+    rng, lines = random.Random(seed), []
+    any_scene = scene_from_seed(EVAL.seed(0))  # the photo kinds fill in no object
+    for index in range(num):
+        name, _ = photos[index % len(photos)]
+        _, text = instruction_for(any_scene, rng, split="heldout", kind=PHOTO_KINDS[index % len(PHOTO_KINDS)])
+        lines.append(json.dumps({"image": f"images/{name}.png", "prompt": text}))
+    paths["photos"] = folder / "prompts.jsonl"
+    paths["photos"].write_text("\n".join(lines) + "\n")
+    return paths
 
 
 def _bundled_photos():

@@ -181,8 +181,8 @@ def _build(args: argparse.Namespace) -> int:
         # one file, two entries: the training run and the plain rebuild from committed weights
         existing["retrain" if args.retrain else "build_from_committed_weights"] = entry
         existing["description"] = (
-            f"Wall times of building {args.name}: `retrain` trains the vision encoder + connector on "
-            "easy-VQA and assembles the model; `build_from_committed_weights` assembles it from the "
+            f"Wall times of building {args.name}: `retrain` trains the vision encoder + connector (the committed "
+            "recipe, or the settings its command gives) and assembles the model; `build_from_committed_weights` assembles it from the "
             "registry GGUF + the committed vision weights (what users run). build_seconds excludes training."
         )
         write_json(path, dict(sorted(existing.items())))

@@ -459,7 +459,8 @@ class DreamDraftModel(DreamPreTrainedModel):
         cache=None,
         return_logits: bool = True,
         rotary_position_ids: torch.LongTensor | None = None,
-    ) -> DreamDraftOutput:
+        unrolled_steps: int | None = None,
+    ) -> DreamDraftOutput | list[DreamDraftOutput]:
         r"""
         Args:
             inputs_embeds (`(batch, seq, hidden)`): Input embeddings as the target sees them
@@ -476,7 +477,14 @@ class DreamDraftModel(DreamPreTrainedModel):
                 position ids of the inputs for the rotary embedding (`TargetPositions`): 3-D for an
                 M-RoPE target (`config.mrope_section`). Default: `position_ids`, which is what a 1-D
                 target uses (left padding aside, which the drafter's rotary does not see).
+            unrolled_steps (`int`, optional): Training-time test: return [`forward_unrolled`]'s outputs at depths
+                1..N instead (with `target_features`, no cache); through `forward` so that DDP wrappers see the call.
         """
+        if unrolled_steps is not None:
+            if cache is not None or memory is not None or target_features is None:
+                raise ValueError("unrolled_steps needs target_features, and no memory or cache (it is a training forward)")
+            return self.forward_unrolled(inputs_embeds, position_ids, target_features, unrolled_steps, attention_mask,
+                                         return_logits, rotary_position_ids)
         if memory is None:
             memory = self.new_memory(target_features)
         batch, length, _ = inputs_embeds.shape
@@ -500,6 +508,92 @@ class DreamDraftModel(DreamPreTrainedModel):
         features = self.norm(hidden_states)
         logits = self.draft_logits(features) if return_logits else None
         return DreamDraftOutput(logits=logits, features=features, first_block_hidden=first_block_hidden)
+
+    def forward_unrolled(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        target_features: torch.Tensor,
+        steps: int,
+        attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
+        rotary_position_ids: torch.LongTensor | None = None,
+    ) -> list[DreamDraftOutput]:
+        r"""Training-time test: every position drafted at depths 1..`steps` at once, as decoding drafts it.
+
+        At depth `j` the output at input index `p` is the drafter's `j`-th draft of a chain that started at index
+        `s = p - j + 1`: its cross-attention reads the target's features of the positions before `s` and, for the
+        chain's positions `s .. p - 1`, the drafter's *own* features of depths `1 .. j - 1` (what decoding writes in
+        the memory before the target has verified them); its self-attention reads the depth-1 keys of indices `<= s`
+        and the chain's own keys of depths `2 .. j` (what the decoding cache holds then). Inputs are the given
+        tokens at every depth (teacher forcing). Depth 1 is `forward` itself.
+
+        Arguments as in `forward`; `target_features` is `(batch, n, hidden)` by original position. Returns one
+        [`DreamDraftOutput`] per depth. At depth `j` an index is a real chain only if its chain start exists and
+        the chain's original positions are consecutive (`unrolled_chain_mask`).
+        """
+        from transformers import DynamicCache
+
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        memory = self.new_memory(target_features)
+        embeds = inputs_embeds.to(self.dtype)
+        rotary = position_ids if rotary_position_ids is None else rotary_position_ids
+        position_embeddings = self.rotary_emb(embeds, position_ids_for_model(rotary) if rotary.ndim == 3 else rotary)
+        index = torch.arange(length, device=device)
+        keys_valid = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        cache = DynamicCache()
+        outputs: list[DreamDraftOutput] = []
+        own_features: list[torch.Tensor] = []
+        own_memory: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for step in range(1, steps + 1):
+            start = index - (step - 1)  # the chain start of every query index
+            # self-attention over the cached depths 1..step-1 and this one: depth 1 up to the chain start, then depth i at s + i - 1
+            blocks = [(index[None, :] <= start[:, None])[None] & keys_valid[:, None, :]]
+            if step == 1:  # every query sees its own key (a padded query would otherwise see none: NaN)
+                blocks[0] = blocks[0] | torch.eye(length, dtype=torch.bool, device=device)[None]
+            blocks += [(index[None, :] == (start + depth - 1)[:, None])[None].expand(batch, -1, -1) for depth in range(2, step + 1)]
+            self_mask = torch.cat(blocks, dim=-1)[:, None]
+            hidden_states = embeds
+            if self.fusion_proj is not None:
+                previous = self._previous_features(memory, position_ids) if step == 1 else F.pad(own_features[-1], (0, 0, 1, 0))[:, :length]
+                hidden_states = self.fusion_proj(torch.cat([hidden_states, previous], -1))
+            block_kwargs = dict(attention_mask=self_mask, position_embeddings=position_embeddings, cache=cache, use_cache=True)
+            hidden_states = self.initial_block(hidden_states, **block_kwargs)
+            first_block_hidden = hidden_states
+            if self.cross_block is not None:
+                target_allowed = torch.arange(len(memory), device=device) < (position_ids - (step - 1))[..., None]
+                own_allowed = [(index[None, :] == (start + depth - 1)[:, None])[None].expand(batch, -1, -1) for depth in range(1, step)]
+                keys = torch.cat([memory.keys] + [k for k, _ in own_memory], dim=2)
+                values = torch.cat([memory.values] + [v for _, v in own_memory], dim=2)
+                allowed = torch.cat([target_allowed, *own_allowed], dim=-1)
+                hidden_states = self.cross_block(hidden_states, keys, values, allowed[:, None])
+            else:
+                hidden_states = self.middle_block(hidden_states, **block_kwargs)
+            hidden_states = self.final_block(hidden_states, **block_kwargs)
+            features = self.norm(hidden_states)
+            outputs.append(DreamDraftOutput(logits=self.draft_logits(features) if return_logits else None, features=features,
+                                            first_block_hidden=first_block_hidden))
+            own_features.append(features)
+            if self.cross_block is not None and step < steps:
+                own_memory.append(self.cross_block.cross_attn.project_memory(features))
+        return outputs
+
+    @staticmethod
+    def unrolled_chain_mask(position_ids: torch.LongTensor, step: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, seq)`: where depth `step` of `forward_unrolled` is a chain decoding could draft: its start index
+        exists, is real, and the chain's original positions are consecutive (no pruned visual token inside)."""
+        batch, length = position_ids.shape
+        start = torch.arange(length, device=position_ids.device) - (step - 1)
+        exists = (start >= 0)[None].expand(batch, -1)
+        first = position_ids.gather(1, start.clamp(min=0)[None].expand(batch, -1))
+        mask = exists & (position_ids - first == step - 1)
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            mask = mask & real & real.gather(1, start.clamp(min=0)[None].expand(batch, -1))
+        return mask
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the target's whole vocabulary unless reduced)."""

@@ -184,3 +184,43 @@ def test_a_folder_without_config_or_a_missing_folder_is_named(tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match="Drafter folder not found: /tmp/does_not_exist_hf_dream"):
         DreamDraftModel.from_pretrained("/tmp/does_not_exist_hf_dream")
     assert built == []  # refused before any drafter was built
+
+
+def decoding_chain(drafter, embeds, positions, features, start, steps):
+    """The logits decoding gives at depths 1..steps of a chain drafted from input index `start`, the drafted
+    tokens being the given inputs: the prefix up to `start` in one forward with the target's features before it,
+    then each step writes the drafter's own feature of the last position in the memory first (`DrafterState.draft_chain`)."""
+    cache = DynamicCache()
+    memory = drafter.new_memory(features[:, : int(positions[0, start])])
+    output = drafter(embeds[:, : start + 1], positions[:, : start + 1], memory=memory, cache=cache)
+    logits = [output.logits[:, -1]]
+    for depth in range(1, steps):
+        memory.write(output.features[:, -1:], int(positions[0, start + depth - 1]))
+        index = start + depth
+        output = drafter(embeds[:, index : index + 1], positions[:, index : index + 1], memory=memory, cache=cache)
+        logits.append(output.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+@pytest.mark.parametrize("pruned", [False, True], ids=["all-tokens", "visual-tokens-pruned"])
+def test_unrolled_training_forward_drafts_what_decoding_drafts_at_every_depth(fusion, pruned):
+    target = cached_target("idefics3")
+    drafter = trained_looking(DreamDraftModel.from_target(target, fusion=fusion)).float()
+    embeds, features, positions = random_inputs(drafter, length=16, seed=3)
+    if pruned:  # positions 3..5 were visual tokens the drafter does not see: the kept tokens keep their positions
+        positions = torch.tensor([[0, 1, 2, *range(6, 19)]])
+        features = torch.randn(1, 19, drafter.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    steps = 4
+    unrolled = drafter.forward_unrolled(embeds, positions, features, steps)
+    assert torch.allclose(unrolled[0].logits, drafter(embeds, positions, target_features=features).logits, atol=1e-5)
+    for start in (4, 7, 11):
+        for depth, logits in enumerate(decoding_chain(drafter, embeds, positions, features, start, steps), start=1):
+            assert torch.allclose(unrolled[depth - 1].logits[:, start + depth - 1], logits, atol=1e-4), (start, depth)
+    # deeper drafts differ from the teacher-forced ones (they read the drafter's own features), and the mask says
+    # which indices are real chains: none that starts before the sequence or spans the pruned positions
+    assert not torch.allclose(unrolled[2].logits[:, 8:], unrolled[0].logits[:, 8:], atol=1e-3)
+    mask = DreamDraftModel.unrolled_chain_mask(positions, 3)
+    assert not mask[0, :2].any() and mask[0, 2 + 4 * pruned :].all()
+    if pruned:
+        assert mask[0, 2] and not mask[0, 3:5].any()  # indices 3, 4 (positions 6, 7) start chains at index 1, 2 across the gap

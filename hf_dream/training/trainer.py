@@ -49,6 +49,17 @@ class DreamTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={"help": "Width of uniform noise added to the target features the drafter attends to (EAGLE uses 0.2)."},
     )
+    ttt_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Training-time test: every training position is drafted at depths 1..N at once, each depth "
+            "reading the drafter's own features and keys of the chain's earlier depths as decoding does "
+            "(`DreamDraftModel.forward_unrolled`); 1 = teacher-forced training only."
+        },
+    )
+    ttt_decay: float = field(
+        default=0.8, metadata={"help": "With ttt_steps > 1: depth j's loss is weighted ttt_decay**(j - 1) (normalised to sum 1)."}
+    )
     acceptance_eval_samples: int = field(
         default=4, metadata={"help": "Eval prompts on which evaluate() measures the real acceptance length via generate()."}
     )
@@ -73,6 +84,10 @@ class DreamTrainingArguments(TrainingArguments):
             raise ValueError(f"mid_supervision must be one of {MID_SUPERVISION}, got {self.mid_supervision!r}.")
         if not 0.0 < self.static_layer_depth < 1.0:
             raise ValueError(f"static_layer_depth must be in (0, 1), got {self.static_layer_depth}.")
+        if self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be at least 1 (1: no training-time test), got {self.ttt_steps}.")
+        if not 0.0 < self.ttt_decay <= 1.0:
+            raise ValueError(f"ttt_decay must be in (0, 1], got {self.ttt_decay}.")
 
 
 def gather_positions(keep: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +158,7 @@ class DreamTrainer(Trainer):
         # the target's own rotary positions of the kept tokens (3-D for M-RoPE; the index itself for 1-D targets)
         rotary = self.adapter.rotary_position_ids(inputs["input_ids"], inputs["attention_mask"], inputs)
         rotary = rotary.to(positions.device).gather(2, positions[None].expand(rotary.shape[0], -1, -1))
-        draft = model(
+        draft_inputs = dict(
             inputs_embeds=_gather(teacher.input_embeds, positions),
             position_ids=positions,
             target_features=features,
@@ -151,29 +166,42 @@ class DreamTrainer(Trainer):
             rotary_position_ids=rotary,
         )
         mask = slot_mask & torch.gather(response_mask(inputs), 1, positions)
+        if self.args.ttt_steps > 1:  # every depth of the training-time test, each on the chains decoding could draft
+            drafts = model(**draft_inputs, unrolled_steps=self.args.ttt_steps)
+            masks = [mask & DreamDraftModel.unrolled_chain_mask(positions, depth, slot_mask) for depth in range(1, len(drafts) + 1)]
+        else:
+            drafts, masks = [model(**draft_inputs)], [mask]
         gathered = {
             "logits": _gather(teacher.logits, positions),
             "features": _gather(teacher.features, positions),
             "mid": None if teacher.mid_features is None else _gather(teacher.mid_features, positions),
         }
-        return draft, gathered, mask, teacher
+        return drafts, gathered, masks, teacher
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        draft, gathered, mask, teacher = self._batch_outputs(model, inputs)
+        drafts, gathered, masks, teacher = self._batch_outputs(model, inputs)
         draft_vocab = self.accelerator.unwrap_model(model).draft_vocab
         # with a reduced draft vocabulary the KL compares the target's distribution renormalised on it
         kl_logits = gathered["logits"] if draft_vocab is None else gathered["logits"][..., draft_vocab]
-        losses = dream_losses(draft, kl_logits, gathered["features"], gathered["mid"], mask)
         args = self.args
-        loss = args.w_kl * losses["kl"] + args.w_final * losses["final"]
-        if "mid" in losses:
-            loss = loss + args.w_mid * losses["mid"]
-        agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask, draft_vocab)
         prefix = "" if model.training else "eval_"
-        for name, value in losses.items():
-            self._metrics.setdefault(f"{prefix}loss_{name}", []).append(float(value.detach()))
-        self._metrics.setdefault(f"{prefix}top1_agreement", []).append(agree / max(total, 1))
-        return (loss, draft) if return_outputs else loss
+        weights = [args.ttt_decay**depth for depth in range(len(drafts))]
+        loss = 0.0
+        for depth, (draft, mask, weight) in enumerate(zip(drafts, masks, weights), start=1):
+            losses = dream_losses(draft, kl_logits, gathered["features"], gathered["mid"], mask)
+            depth_loss = args.w_kl * losses["kl"] + args.w_final * losses["final"]
+            if "mid" in losses:
+                depth_loss = depth_loss + args.w_mid * losses["mid"]
+            loss = loss + weight / sum(weights) * depth_loss
+            agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask, draft_vocab)
+            suffix = "" if depth == 1 else f"_depth{depth}"  # depth 1: the teacher-forced numbers, named as without ttt
+            if depth == 1:
+                for name, value in losses.items():
+                    self._metrics.setdefault(f"{prefix}loss_{name}", []).append(float(value.detach()))
+            else:
+                self._metrics.setdefault(f"{prefix}loss{suffix}", []).append(float(depth_loss.detach()))
+            self._metrics.setdefault(f"{prefix}top1_agreement{suffix}", []).append(agree / max(total, 1))
+        return (loss, drafts[0]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         prefix = "eval_" if any(key.startswith("eval_") for key in logs) else ""

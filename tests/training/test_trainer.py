@@ -132,9 +132,40 @@ def test_every_trainable_parameter_gets_a_gradient(tmp_path, fusion, mid_supervi
     assert trainable and not [name for name, p in trainable.items() if p.grad is None]
 
 
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_training_time_test_loss_weighs_every_depth_and_reaches_every_parameter(tmp_path, fusion):
+    target = cached_target(FAMILY)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    if drafter.cross_block is not None:  # open the gates: a fresh block is the identity, and every depth would be depth 1
+        with torch.no_grad():
+            drafter.cross_block.attn_gate.fill_(0.7)
+    args = DreamTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to=[], use_cpu=True, ttt_steps=3, ttt_decay=0.5
+    )
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=prepare(tmp_path, num=2))
+    loss = trainer.compute_loss(drafter, next(iter(trainer.get_train_dataloader())))
+    value = float(loss.detach())
+    metrics = {key: values[-1] for key, values in trainer._metrics.items()}
+    first = args.w_kl * metrics["loss_kl"] + args.w_final * metrics["loss_final"] + args.w_mid * metrics.get("loss_mid", 0.0)
+    expected = (first + 0.5 * metrics["loss_depth2"] + 0.25 * metrics["loss_depth3"]) / 1.75
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert {"top1_agreement", "top1_agreement_depth2", "top1_agreement_depth3"} <= set(metrics)
+    assert metrics["loss_depth3"] != pytest.approx(first)  # depth 3 reads the drafter's own features
+    loss.backward()
+    assert not [name for name, p in drafter.named_parameters() if p.requires_grad and p.grad is None]
+    one_step = DreamTrainer(model=drafter, teacher=target, args=DreamTrainingArguments(
+        output_dir=str(tmp_path / "one"), per_device_train_batch_size=2, report_to=[], use_cpu=True), train_dataset=trainer.train_dataset)
+    batch = next(iter(one_step.get_train_dataloader()))
+    assert float(one_step.compute_loss(drafter, batch).detach()) == pytest.approx(first, rel=1e-5)  # ttt_steps=1: today's loss, depth 1
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mid_supervision"):
         DreamTrainingArguments(output_dir="x", mid_supervision="median", use_cpu=True)
+    with pytest.raises(ValueError, match="ttt_steps must be at least 1"):
+        DreamTrainingArguments(output_dir="x", ttt_steps=0, use_cpu=True)
+    with pytest.raises(ValueError, match=r"ttt_decay must be in \(0, 1\]"):
+        DreamTrainingArguments(output_dir="x", ttt_decay=1.5, use_cpu=True)
     with pytest.raises(TypeError, match="DreamDraftModel"):
         DreamTrainer(model=cached_target(FAMILY), teacher=cached_target(FAMILY), args=DreamTrainingArguments(output_dir="x", use_cpu=True))
 

@@ -57,6 +57,11 @@ class DreamConfig(PreTrainedConfig):
             output layer is the matching rows of the target's lm_head, a large saving when the
             target's vocabulary is big (49k for SmolLM2, 262k for Gemma 3). The id map is saved
             with the drafter as the `draft_vocab` buffer.
+        feature_layers (`list[int]`, *optional*): The target hidden states the drafter reads as its features, by
+            index of the target's `hidden_states` output (0 = the input embeddings, `L` = the last layer, post-norm),
+            concatenated and fused to `hidden_size` by a linear layer (EAGLE-3: low, middle and high layers,
+            `[2, L // 2, L - 3]`; `feature_layers="eagle3"` in `DreamDraftModel.from_target` picks them). `None`
+            (default): the last layer alone, no fusion (DREAM, EAGLE-1/2).
         target_model_type (`str`): `model_type` of the target (e.g. `"llava"`, `"gemma3"`).
         target_name_or_path (`str`): Hub id or path of the target, for model cards and checks.
         target_num_hidden_layers (`int`): Number of decoder layers of the target's text model.
@@ -100,6 +105,7 @@ class DreamConfig(PreTrainedConfig):
     fusion: str = "cross_attention"
     visual_keep_ratio: float = 0.75
     draft_vocab_size: int | None = None
+    feature_layers: list[int] | None = None
     target_model_type: str | None = None
     target_name_or_path: str | None = None
     target_num_hidden_layers: int | None = None
@@ -130,6 +136,13 @@ class DreamConfig(PreTrainedConfig):
                 f"`mrope_section` {self.mrope_section} must split the rotary's head_dim / 2 = {self.head_dim // 2} "
                 f"frequencies (its sum is {sum(self.mrope_section)})."
             )
+        if self.feature_layers is not None:
+            layers, most = list(self.feature_layers), self.target_num_hidden_layers
+            if len(layers) < 2 or len(set(layers)) != len(layers) or min(layers) < 0 or (most is not None and max(layers) > most):
+                raise ValueError(
+                    f"`feature_layers` must be at least two distinct target hidden-state indices in [0, "
+                    f"{most if most is not None else 'L'}] (None: the last layer alone), got {self.feature_layers!r}."
+                )
         if self.entropy_candidate_layers is None and self.target_num_hidden_layers:
             self.entropy_candidate_layers = default_entropy_candidate_layers(self.target_num_hidden_layers)
         super().__post_init__(**kwargs)

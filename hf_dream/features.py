@@ -171,6 +171,8 @@ class TeacherSignals:
             (entropy-selected or static), `(b, n, H)`; `None` if no intermediate supervision.
         mid_layers: The selected layer per token, `(b, n)`.
         keep: Positions the drafter sees after visual-token compression, `(b, n)`.
+        feature_inputs: With `feature_layers`: those hidden states concatenated, `(b, n, k * H)`, the input of
+            an EAGLE-3-style drafter's feature fusion; `None` otherwise (the drafter reads `features`).
     """
 
     input_embeds: torch.Tensor
@@ -179,6 +181,7 @@ class TeacherSignals:
     mid_features: torch.Tensor | None
     mid_layers: torch.Tensor | None
     keep: torch.Tensor
+    feature_inputs: torch.Tensor | None = None
 
 
 def select_layers_by_entropy(entropies: torch.Tensor, candidate_layers: list[int]) -> torch.Tensor:
@@ -197,13 +200,15 @@ def read_teacher(
     candidate_layers: list[int] | None = None,
     static_layer: int | None = None,
     keep_ratio: float = 1.0,
+    feature_layers: list[int] | None = None,
 ) -> TeacherSignals:
     """One teacher-forced pass of the target (`adapter.model`) on `inputs`, without gradients.
 
     With `candidate_layers`, every token is supervised by the candidate layer whose attention
     has the lowest entropy at that token (DREAM); with `static_layer`, by that fixed layer
     (ablation); with neither, there is no intermediate supervision. Visual tokens are ranked by
-    the attention they receive in the last layer, as at inference.
+    the attention they receive in the last layer, as at inference. With `feature_layers` (an EAGLE-3-style
+    drafter's), `feature_inputs` holds those hidden states concatenated.
     """
     model, layers = adapter.model, adapter.decoder_layers
     last = adapter.num_hidden_layers
@@ -232,6 +237,8 @@ def read_teacher(
         if compress:
             importance = attention_received(layers[last - 1].self_attn, *recorder.inputs[last - 1], query_mask=query_mask)
             keep = select_visual_tokens(importance, image_mask, keep_ratio)
+    feature_inputs = None if feature_layers is None else torch.cat([hidden[layer] for layer in feature_layers], dim=-1)
     return TeacherSignals(
-        input_embeds=hidden[0], features=hidden[last], logits=out.logits, mid_features=mid_features, mid_layers=selected, keep=keep
+        input_embeds=hidden[0], features=hidden[last], logits=out.logits, mid_features=mid_features, mid_layers=selected, keep=keep,
+        feature_inputs=feature_inputs,
     )

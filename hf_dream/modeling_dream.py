@@ -330,6 +330,9 @@ class DreamDraftModel(DreamPreTrainedModel):
         else:
             self.rotary_emb = DreamMultimodalRotaryEmbedding(self.decoder_config, config.mrope_section, config.mrope_interleaved)
         self.fusion_proj = None if is_cross else nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        # EAGLE-3-style inputs: several target layers, concatenated, fused to one feature before they enter the memory
+        layers = config.feature_layers
+        self.feature_fusion = None if layers is None else nn.Linear(len(layers) * config.hidden_size, config.hidden_size, bias=False)
         self.initial_block = LlamaDecoderLayer(self.decoder_config, layer_idx=0)
         # EAGLE convention: the first block sees raw embeddings, no input norm.
         self.initial_block.input_layernorm = nn.Identity()
@@ -377,6 +380,10 @@ class DreamDraftModel(DreamPreTrainedModel):
             entropy_candidate_layers=adapter.entropy_candidate_layers(),
             **adapter.describe(),
         )
+        if overrides.get("feature_layers") == "eagle3":  # EAGLE-3's low, middle and high layers
+            layers = adapter.num_hidden_layers
+            chosen = sorted({min(max(index, 1), layers) for index in (2, layers // 2, layers - 3)})
+            overrides = {**overrides, "feature_layers": chosen if len(chosen) > 1 else list(range(1, layers + 1))}
         values.update(overrides)
         return DreamConfig(**values)
 
@@ -442,11 +449,30 @@ class DreamDraftModel(DreamPreTrainedModel):
         return self.target_adapter
 
     # --- forward ---------------------------------------------------------------------------
+    @property
+    def target_feature_layers(self) -> list[int]:
+        """The indices of the target's `hidden_states` this drafter reads (`config.feature_layers`, else the last layer)."""
+        if self.config.feature_layers is not None:
+            return list(self.config.feature_layers)
+        return [self._adapter().num_hidden_layers]
+
+    def fuse_target_features(self, hidden_states) -> torch.Tensor:
+        """The drafter's feature of each position, `(batch, n, hidden)`, from the target's `hidden_states` output (a
+        tuple indexed by layer; only `target_feature_layers` are read), or from those layers already concatenated
+        along the last dimension (`(batch, n, len(feature_layers) * hidden)`: the training inputs)."""
+        if torch.is_tensor(hidden_states):
+            if self.feature_fusion is None or hidden_states.shape[-1] == self.config.hidden_size:
+                return hidden_states
+            return self.feature_fusion(hidden_states.to(self.feature_fusion.weight.dtype))
+        layers = [hidden_states[index] for index in self.target_feature_layers]
+        return layers[0] if self.feature_fusion is None else self.fuse_target_features(torch.cat(layers, dim=-1))
+
     def new_memory(self, target_features: torch.Tensor | None = None) -> DreamFeatureMemory:
-        """An empty [`DreamFeatureMemory`] for this drafter, or one holding `target_features` if given."""
+        """An empty [`DreamFeatureMemory`] for this drafter, or one holding `target_features` if given (the target's
+        feature per position, or the concatenated `feature_layers`, fused here: `fuse_target_features`)."""
         memory = DreamFeatureMemory(self)
         if target_features is not None:
-            memory.write(target_features, 0)
+            memory.write(self.fuse_target_features(target_features), 0)
         return memory
 
     def forward(

@@ -224,3 +224,51 @@ def test_unrolled_training_forward_drafts_what_decoding_drafts_at_every_depth(fu
     assert not mask[0, :2].any() and mask[0, 2 + 4 * pruned :].all()
     if pruned:
         assert mask[0, 2] and not mask[0, 3:5].any()  # indices 3, 4 (positions 6, 7) start chains at index 1, 2 across the gap
+
+
+def test_an_eagle3_style_drafter_reads_and_fuses_exactly_its_target_layers():
+    target = cached_target("llava")
+    drafter = DreamDraftModel.from_target(target, fusion="concat", feature_layers="eagle3")
+    layers = target.config.get_text_config().num_hidden_layers
+    assert drafter.target_feature_layers == drafter.config.feature_layers and len(drafter.config.feature_layers) >= 2
+    assert drafter.feature_fusion.in_features == len(drafter.config.feature_layers) * drafter.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    hidden = tuple(torch.randn(1, 5, drafter.config.hidden_size, generator=generator) for _ in range(layers + 1))
+    fused = drafter.fuse_target_features(hidden)
+    other = 0 if 0 not in drafter.config.feature_layers else next(i for i in range(layers + 1) if i not in drafter.config.feature_layers)
+    changed = tuple(h + 1.0 if i == other else h for i, h in enumerate(hidden))
+    assert torch.equal(drafter.fuse_target_features(changed), fused)  # a layer it does not read
+    used = drafter.config.feature_layers[0]
+    changed = tuple(h + 1.0 if i == used else h for i, h in enumerate(hidden))
+    assert not torch.allclose(drafter.fuse_target_features(changed), fused)
+    # the training input (the layers concatenated) gives the same features
+    concatenated = torch.cat([hidden[i] for i in drafter.config.feature_layers], dim=-1)
+    assert torch.equal(drafter.fuse_target_features(concatenated), fused)
+    with pytest.raises(ValueError, match="at least two distinct target hidden-state indices"):
+        DreamDraftModel.from_target(target, feature_layers=[layers])
+    with pytest.raises(ValueError, match="at least two distinct"):
+        DreamDraftModel.from_target(target, feature_layers=[1, layers + 1])
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_decoding_gives_an_eagle3_style_drafter_the_target_layers_it_reads(tree):
+    target = cached_target("llava")
+    drafter = DreamDraftModel.from_target(target, fusion="concat", feature_layers="eagle3")
+    seen = []
+    fuse = drafter.fuse_target_features
+
+    def recording(hidden_states):
+        if not torch.is_tensor(hidden_states):  # the target's hidden_states output (not the drafter's own tensors)
+            seen.append(hidden_states)
+        return fuse(hidden_states)
+
+    drafter.fuse_target_features = recording
+    from hf_dream.testing import make_tiny_inputs
+
+    inputs = make_tiny_inputs(target, seed=1)
+    options = {"tree_total_tokens": 6} if tree else {}
+    plain = target.generate(**inputs, max_new_tokens=8, do_sample=False)
+    output = target.generate(**inputs, max_new_tokens=8, do_sample=False, assistant_model=drafter, **options)
+    assert torch.equal(output, plain)
+    assert len(seen) >= 2  # the prefill and at least one verification pass
+    assert all(hidden[i] is not None for hidden in seen for i in drafter.config.feature_layers)

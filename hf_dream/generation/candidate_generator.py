@@ -57,11 +57,11 @@ class DreamCandidateGenerator(CandidateGenerator):
         self.eos_token_ids = None if eos is None else eos.reshape(-1)
         self.prompt_length = input_ids.shape[1]
         self.num_drafted = 0
-        self._last_layer = self.state.adapter.num_hidden_layers
-        # the drafter reads the embeddings (layer 0, at prefill) and the last layer; every layer
-        # when the caller asked for hidden states (transformers' loop then returns them all)
+        self._feature_layers = drafter.target_feature_layers
+        # the drafter reads the embeddings (layer 0, at prefill) and its feature layers (the last one; EAGLE-3-style
+        # drafters several); every layer when the caller asked for hidden states (transformers' loop then returns them all)
         self._all_layers = bool(generation_config.return_dict_in_generate and generation_config.output_hidden_states)
-        self.model_kwargs_overrides = {"output_hidden_states": True if self._all_layers else [0, self._last_layer]}
+        self.model_kwargs_overrides = {"output_hidden_states": True if self._all_layers else sorted({0, *self._feature_layers})}
         self.stats = DecodingStats.new(1)
         self.stats.publish(drafter)
 
@@ -83,15 +83,14 @@ class DreamCandidateGenerator(CandidateGenerator):
                 mask = torch.ones_like(input_ids[:, :prompt], dtype=torch.bool)
                 # the target's positions of the prompt: the position ids transformers' loop gave it (3-D for M-RoPE)
                 positions = state.adapter.target_positions(input_ids[:, :prompt], mask, model_kwargs or {})
-                output = state.prefill(
-                    input_ids[:, :prompt], mask, hidden_states[0], hidden_states[self._last_layer], input_ids[:, prompt], positions
-                )
+                features = self.drafter.fuse_target_features(hidden_states)
+                output = state.prefill(input_ids[:, :prompt], mask, hidden_states[0], features, input_ids[:, prompt], positions)
                 self.stats.record_visual(state)
                 if not self._all_layers:
-                    self.model_kwargs_overrides = {"output_hidden_states": [self._last_layer]}
+                    self.model_kwargs_overrides = {"output_hidden_states": self._feature_layers}
             else:  # the pass covered [previous bonus token, drafts...]; n_last_matches + 1 of them are kept
                 new_tokens = input_ids[0, int(state.lengths[0]) :].tolist()
-                output = state.catch_up([new_tokens], hidden_states[self._last_layer][:, : n_last_matches + 1])
+                output = state.catch_up([new_tokens], self.drafter.fuse_target_features(hidden_states)[:, : n_last_matches + 1])
             candidates, candidate_logits = self._draft(input_ids, output)
         self.num_drafted = candidates.shape[1] - input_ids.shape[1]
         self.stats.record_pass([self.num_drafted])

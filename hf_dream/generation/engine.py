@@ -250,7 +250,8 @@ class RowStopper:
 @dataclass
 class Verification:
     """The target's outputs at every node of every row's tree (padded to the largest tree):
-    `logits (rows, n, vocab)` (float32) and last-layer (post-norm) `features (rows, n, hidden)`."""
+    `logits (rows, n, vocab)` (float32) and the drafter's `features (rows, n, hidden)`: the target's last layer
+    (post-norm), or the drafter's fusion of its `feature_layers`."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -291,7 +292,8 @@ def tree_depths(trees: list[DraftTree]) -> torch.LongTensor:
 
 
 def verify(
-    model, cache: RaggedCache, trees: list[DraftTree], depths: torch.LongTensor, positions: torch.LongTensor, last_layer: int
+    model, cache: RaggedCache, trees: list[DraftTree], depths: torch.LongTensor, positions: torch.LongTensor,
+    feature_layers: int | list[int], fuse=None,
 ) -> Verification:
     """Run every row's root and drafted nodes through the target in one forward.
 
@@ -301,7 +303,8 @@ def verify(
     ([`DrafterState.verify_positions`]), so siblings share a position, exactly as they would in the
     sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
     cache grows by the padded size in every row; record which entries are kept with
-    `cache.extend(...)` next."""
+    `cache.extend(...)` next. `feature_layers`: the target layer the features are (an index), or the layers
+    `fuse(hidden_states)` reads (the drafter's `fuse_target_features`)."""
     size = max(len(tree) for tree in trees)
     device = positions.device
     tokens = torch.stack([torch.cat([t.tokens, t.tokens[:1].expand(size - len(t))]) for t in trees]).to(device)
@@ -319,10 +322,12 @@ def verify(
         position_ids=position_ids_for_model(positions),
         cache=cache.cache,
         use_cache=True,
-        output_hidden_states=[last_layer],
+        output_hidden_states=[feature_layers] if isinstance(feature_layers, int) else list(feature_layers),
         return_dict=True,
     )
-    return Verification(logits=outputs.logits.float(), features=outputs.hidden_states[last_layer])
+    # the drafter's feature of each node: one target layer, or the drafter's fusion of several (`fuse(hidden_states)`)
+    features = outputs.hidden_states[feature_layers] if fuse is None else fuse(outputs.hidden_states)
+    return Verification(logits=outputs.logits.float(), features=features)
 
 
 def tree_attention_mask(model, cache: RaggedCache, ancestors, depths):
@@ -457,11 +462,11 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
     state = DrafterState(model, drafter, batch, device, options=options)
     try:  # whatever happens, nothing of this call stays registered on the target
         stats = DecodingStats.new(batch, batched=batched_stats, tree=tree is not None)
-        last_layer = state.adapter.num_hidden_layers
+        feature_layers = drafter.target_feature_layers
 
         # --- prefill: a plain target step that also gives the drafter every prompt's features ----
         state.start_prefill(input_ids)
-        outputs = _prefill(model, input_ids, model_kwargs, [0, last_layer])
+        outputs = _prefill(model, input_ids, model_kwargs, sorted({0, *feature_layers}))
         cache = outputs.cache if getattr(outputs, "cache", None) is not None else model_kwargs["cache"]
         check_compactable(cache)
         sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
@@ -484,7 +489,8 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         if active:
             # the target's positions (generate()'s own position ids: 3-D for M-RoPE, possibly offset for 1-D)
             positions = state.adapter.target_positions(input_ids, prompt_mask, model_kwargs)
-            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], outputs.hidden_states[last_layer], first, positions)
+            features = drafter.fuse_target_features(outputs.hidden_states)
+            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], features, first, positions)
             stats.record_visual(state)
             if len(active) < batch:
                 keep = torch.tensor(active, device=device)
@@ -510,7 +516,7 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
                     for i, r in enumerate(active)
                 ]
             depths = tree_depths(trees)
-            verification = verify(model, target_cache, trees, depths, state.verify_positions(depths), last_layer)
+            verification = verify(model, target_cache, trees, depths, state.verify_positions(depths), feature_layers, drafter.fuse_target_features)
             node_scores = TargetScores(logits_processor, verification.logits, trees, lambda i, active=active: rows[active[i]].sequence(), state.rows, batch)
 
             # --- accept, stop and record, per row --------------------------------------------------

@@ -308,10 +308,12 @@ def tree_generate(
     )
 
 
-def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: int, visible=None) -> Verification:
+def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: int, visible=None, drafter=None) -> Verification:
     """Run one tree (batch 1) through the target in one forward (see [`engine.verify`]); `visible`:
-    which cache entries are real (default: all)."""
+    which cache entries are real (default: all). The features are layer `last_layer`'s, or with `drafter` the ones it
+    reads (`DreamDraftModel.fuse_target_features`)."""
     valid = torch.ones(1, cache.get_seq_length(), dtype=torch.bool) if visible is None else visible[None]
     device = tree.tokens.device
     depths = tree_depths([tree]).to(device)
-    return verify(model, RaggedCache(cache, valid.to(device)), [tree], depths, root_position + depths[None], last_layer)
+    layers, fuse = (last_layer, None) if drafter is None else (drafter.target_feature_layers, drafter.fuse_target_features)
+    return verify(model, RaggedCache(cache, valid.to(device)), [tree], depths, root_position + depths[None], layers, fuse)

@@ -90,6 +90,9 @@ def _architecture(config: DreamConfig, parameters: int) -> dict:
             "projection of [token embedding; previous target feature] -> 3 decoder blocks -> RMSNorm -> the "
             "target's lm_head (EAGLE-style baseline)"
         )
+    if config.feature_layers is not None:
+        blocks += (f"; the target feature it reads is a linear fusion of the target's hidden states "
+                   f"{', '.join(map(str, config.feature_layers))} (EAGLE-3-style)")
     keep = config.visual_keep_ratio
     keep_text = (
         "no compression: the drafter sees every visual token"

@@ -46,6 +46,12 @@ class DreamScriptArguments:
         metadata={"help": "Fresh drafter: target layers among which entropy-adaptive supervision chooses: 'all' (every layer "
                   "1..L-1, as the paper describes) or a comma list; default 1..int(0.4L)-2 (the reference code's range)."},
     )
+    feature_layers: str | None = field(
+        default=None,
+        metadata={"help": "Fresh drafter: the target hidden states it reads, fused by a linear layer: 'eagle3' (EAGLE-3's "
+                  "low/middle/high layers 2, L/2, L-3; with --fusion concat and --ttt_steps, the EAGLE-3 baseline) or a "
+                  "comma list of hidden-state indices (0 = embeddings, L = last layer); default: the last layer alone."},
+    )
     intermediate_size: int | None = field(
         default=None,
         metadata={"help": "Fresh drafter: MLP width of its blocks (default: the target's). Smaller keeps the drafter's file small."},
@@ -68,6 +74,18 @@ def _entropy_layers(spec: str | None, target) -> dict:
     if not layers or bad:
         raise ValueError(f"--entropy_layers must be 'all' or target layers in 1..{num_layers - 1}, got {spec!r}")
     return {"entropy_candidate_layers": layers}
+
+
+def _feature_layers(spec: str | None) -> dict:
+    """`--feature_layers` as a `from_target` override: none, "eagle3" (resolved there), or a list of indices."""
+    if spec is None:
+        return {}
+    if spec == "eagle3":
+        return {"feature_layers": "eagle3"}
+    try:
+        return {"feature_layers": [int(part) for part in spec.split(",")]}
+    except ValueError:
+        raise ValueError(f"--feature_layers must be 'eagle3' or a comma list of layer indices, got {spec!r}") from None
 
 
 def load_prepared(path: str | Path):
@@ -112,6 +130,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         raise ValueError("Both --target and --dataset are required (on the command line or in --config).")
     # everything that can be checked without the target first: loading a large target takes minutes
     resolve_target_spec(script_args.target)
+    _feature_layers(script_args.feature_layers)
     train_dataset = load_prepared(script_args.dataset)
     eval_dataset = load_prepared(script_args.eval_dataset) if script_args.eval_dataset else None
     if script_args.drafter:
@@ -136,6 +155,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary
             **({"intermediate_size": script_args.intermediate_size} if script_args.intermediate_size else {}),
             **_entropy_layers(script_args.entropy_layers, target),
+            **_feature_layers(script_args.feature_layers),
             target_name_or_path=script_args.target,
         )
         if script_args.draft_vocab_size:

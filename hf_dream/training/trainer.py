@@ -144,15 +144,18 @@ class DreamTrainer(Trainer):
 
     # --- loss ------------------------------------------------------------------------------
     def _batch_outputs(self, model, inputs):
+        config = self.accelerator.unwrap_model(model).config
         teacher = read_teacher(
             self.adapter,
             inputs,
             candidate_layers=self.candidate_layers,
             static_layer=self.static_layer,
-            keep_ratio=self.accelerator.unwrap_model(model).config.visual_keep_ratio,
+            keep_ratio=config.visual_keep_ratio,
+            feature_layers=config.feature_layers,
         )
         positions, slot_mask = gather_positions(teacher.keep, inputs["attention_mask"])
-        features = teacher.features
+        # what the drafter reads: the last layer, or (EAGLE-3-style) several layers its forward fuses
+        features = teacher.features if teacher.feature_inputs is None else teacher.feature_inputs
         if self.args.feature_noise > 0 and model.training:
             features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
         # the target's own rotary positions of the kept tokens (3-D for M-RoPE; the index itself for 1-D targets)

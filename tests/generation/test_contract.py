@@ -204,14 +204,16 @@ def test_greedy_output_is_plain_greedy_output(mode, family, image_first):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat", "eagle3"])
 def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fusion):
-    """A real (random) drafter: mostly rejected drafts, its own features in trees, still exact."""
+    """A real (random) drafter: mostly rejected drafts, its own features in trees, still exact. "eagle3": the
+    EAGLE-3-style drafter (concat fusion over several target layers, which decoding must read from the target)."""
     target = cached_target(family)
     inputs, rows = case(mode, target)
     greedy = dict(max_new_tokens=20, do_sample=False)
     torch.manual_seed(0)
-    drafter = DreamDraftModel.from_target(target, fusion=fusion)
+    options = {"fusion": "concat", "feature_layers": "eagle3"} if fusion == "eagle3" else {"fusion": fusion}
+    drafter = DreamDraftModel.from_target(target, **options)
     output = run(mode, target, inputs, drafter, **greedy)
     assert torch.equal(output, target.generate(**inputs, **greedy))
     check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)

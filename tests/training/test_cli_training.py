@@ -42,6 +42,10 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys):
     assert drafter.config.intermediate_size == 24 and drafter.final_block.mlp.up_proj.out_features == 24
     assert drafter.config.entropy_candidate_layers == [1]  # 'all' on a 2-layer target
     assert drafter.config.target_name_or_path == "tiny:gemma3"
+    # the EAGLE-3 baseline: concat fusion over several target layers, trained with training-time test; it saves and loads
+    assert main(["train", "--config", str(config), "--fusion", "concat", "--feature_layers", "eagle3", "--ttt_steps", "2"]) == 0
+    eagle3 = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
+    assert eagle3.config.feature_layers == [1, 2] and eagle3.feature_fusion.in_features == 2 * eagle3.config.hidden_size
 
     assert main(["calibrate", "--target", "tiny:gemma3", "--dataset", str(data), "--out", str(tmp_path / "cal"), "--all-layers"]) == 0
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
@@ -94,6 +98,8 @@ def test_train_checks_the_dataset_before_loading_the_target(tmp_path, monkeypatc
         main(["train", "--target", "tiny:llava", "--dataset", str(tmp_path / "nope"), *common])
     with pytest.raises(ValueError, match="valid target specs"):
         main(["train", "--target", "smolvlm-reff", "--dataset", str(tmp_path / "nope"), *common])
+    with pytest.raises(ValueError, match="--feature_layers must be 'eagle3' or a comma list"):
+        main(["train", "--target", "tiny:llava", "--dataset", str(tmp_path / "nope"), "--feature_layers", "low,high", *common])
 
 
 def test_train_refuses_a_dataset_prepared_for_another_target(tmp_path, prompts):

@@ -159,6 +159,16 @@ def test_training_time_test_loss_weighs_every_depth_and_reaches_every_parameter(
     assert float(one_step.compute_loss(drafter, batch).detach()) == pytest.approx(first, rel=1e-5)  # ttt_steps=1: today's loss, depth 1
 
 
+def test_an_eagle3_style_drafter_trains_its_feature_fusion_with_training_time_test(tmp_path):
+    target = cached_target(FAMILY)
+    drafter = DreamDraftModel.from_target(target, fusion="concat", feature_layers="eagle3")
+    args = DreamTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to=[], use_cpu=True, ttt_steps=2)
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=prepare(tmp_path, num=2))
+    trainer.compute_loss(drafter, next(iter(trainer.get_train_dataloader()))).backward()
+    assert drafter.feature_fusion.weight.grad is not None and drafter.feature_fusion.weight.grad.abs().sum() > 0
+    assert not [name for name, p in drafter.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mid_supervision"):
         DreamTrainingArguments(output_dir="x", mid_supervision="median", use_cpu=True)

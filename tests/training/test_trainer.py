@@ -217,3 +217,47 @@ def test_the_train_command_runs_under_distributed_launchers(tmp_path, launcher):
     drafter = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
     assert drafter.config.target_name_or_path == f"tiny:{FAMILY}"
     assert "on 2 process(es)" in result.stdout
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_training_time_test_depths_are_the_drafts_generate_makes(tmp_path, fusion):
+    """The trainer's unrolled forward, on a sequence whose response is what decoding drafted, gives at depth j the
+    logits of `generate(assistant_model=drafter)`'s j-th draft of its first round (visual tokens all kept)."""
+    from hf_dream.training.data import DreamDataCollator, response_row
+
+    target = cached_target(FAMILY)
+    drafter = DreamDraftModel.from_target(target, fusion=fusion, visual_keep_ratio=1.0).float()
+    with torch.no_grad():
+        if drafter.cross_block is not None:
+            drafter.cross_block.attn_gate.fill_(0.7)
+            drafter.cross_block.mlp_gate.fill_(0.5)
+    depths = 4
+    calls = []
+    forward = drafter.forward
+
+    def recording(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append(output.logits[:, -1].detach().clone())
+        return output
+
+    inputs = make_tiny_inputs(target, seed=2)
+    drafter.forward = recording
+    output = target.generate(**inputs, max_new_tokens=depths + 2, do_sample=False, assistant_model=drafter, num_draft_tokens=depths)
+    drafter.forward = forward
+    drafts = calls[:depths]  # the prefill's last column (depth 1), then one call per further draft step
+    prompt = inputs["input_ids"].shape[1]
+    drafted = [int(logits.argmax(-1)) for logits in drafts]
+    sequence = [int(output[0, prompt])] + drafted[:-1]  # the first new token, then the drafts as inputs
+    row = response_row(dict(inputs), sequence)
+    args = DreamTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, report_to=[], use_cpu=True,
+                                  ttt_steps=depths, mid_supervision="none")
+    trainer = DreamTrainer(model=drafter, teacher=target, args=args, train_dataset=[row])
+    batch = DreamDataCollator(target.generation_config.pad_token_id or 0)([row])
+    drafter.eval()
+    with torch.no_grad():
+        unrolled, _, masks, _ = trainer._batch_outputs(drafter, batch)
+    for depth in range(1, depths + 1):
+        index = prompt + depth - 1  # no token is pruned: the index is the position
+        # trained where the next token is in the sequence (the last draft's is not)
+        assert bool(masks[depth - 1][0, index]) == (depth < depths)
+        assert torch.allclose(unrolled[depth - 1].logits[0, index], drafts[depth - 1][0], atol=1e-4), depth

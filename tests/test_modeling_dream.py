@@ -250,10 +250,11 @@ def test_an_eagle3_style_drafter_reads_and_fuses_exactly_its_target_layers():
         DreamDraftModel.from_target(target, feature_layers=[1, layers + 1])
 
 
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
-def test_decoding_gives_an_eagle3_style_drafter_the_target_layers_it_reads(tree):
+def test_decoding_gives_an_eagle3_style_drafter_the_target_layers_it_reads(tree, fusion):
     target = cached_target("llava")
-    drafter = DreamDraftModel.from_target(target, fusion="concat", feature_layers="eagle3")
+    drafter = DreamDraftModel.from_target(target, fusion=fusion, feature_layers="eagle3")
     seen = []
     fuse = drafter.fuse_target_features
 

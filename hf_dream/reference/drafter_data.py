@@ -172,7 +172,8 @@ def export_responses(shard_dir: Path, plan: list[DrafterPrompt], path: Path, rec
     if not lines:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a per-process temporary name: the ranks of a `torchrun` run each export after their own shards
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(("\n".join(lines) + "\n").encode("utf-8"))
     os.replace(tmp, path)
@@ -190,7 +191,7 @@ def export_responses(shard_dir: Path, plan: list[DrafterPrompt], path: Path, rec
         "finished_share": round(finished / len(lines), 4),
         "kinds": dict(sorted(counts.items())),
     }
-    tmp = record_path(path).with_suffix(".tmp")
+    tmp = record_path(path).with_name(f".{record_path(path).name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, record_path(path))
     return len(lines)

@@ -109,6 +109,10 @@ def run_one(target, method: Method, inputs: dict, max_new_tokens: int, temperatu
         "seconds": seconds,
         "new_tokens": new_tokens,
         "target_passes": stats.get("target_passes", len(new_tokens) if method.kind == "ar" else None),
+        # per drafting round (the prefill drafts nothing): drafts proposed (chain: its length; tree: its nodes) and
+        # accepted (the accepted path's length), for `position_acceptance`
+        "drafted_per_pass": stats.get("drafted_per_pass"),
+        "accepted_per_pass": stats.get("accepted_per_pass"),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_cuda else _peak_rss_bytes(),
     }
 
@@ -191,12 +195,35 @@ def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: f
             "speedup_max": max(ratios),
             "peak_memory_bytes_max": max((r["peak_memory_bytes"] or 0) for r in method_runs) or None,
         }
+        positions = position_acceptance(method_runs, tree=method.kind == "tree")
+        if positions is not None:
+            entry["position_acceptance"] = positions
         if temperature == 0:
             mismatches = [i for i, (base, run) in enumerate(zip(baseline, method_runs)) if base["new_tokens"] != run["new_tokens"]]
             entry["identical_to_ar"] = not mismatches
             entry["mismatched_prompts"] = mismatches
         summary[method.name] = entry
     return summary
+
+
+def position_acceptance(runs: list[dict], tree: bool = False) -> dict | None:
+    """Where drafts die: over all drafting rounds of `runs` (target passes that verified at least one draft), per draft position k (1-based), the share of rounds
+    whose k-th draft token was accepted (`accepted[k - 1]`; it falls with k, and `accepted[0]` is the first
+    draft's acceptance rate) and, for chains, the share of rounds that drafted a k-th token at all
+    (`drafted[k - 1]`: below 1 where the schedule drafts shorter). None for methods that record no rounds."""
+    rounds = []
+    for run in runs:
+        drafted, accepted = run.get("drafted_per_pass") or [], run.get("accepted_per_pass") or []
+        # the read-out's accepted list also has the prefill's 0 first: the rounds are the last len(drafted) entries
+        # a pass that drafted nothing (e.g. the last token before max_new_tokens) is not a drafting round
+        rounds += [(d, a) for d, a in zip(drafted, accepted[len(accepted) - len(drafted) :]) if d > 0]
+    if not rounds:
+        return None
+    deepest = max(1, max(accepted for _, accepted in rounds) if tree else max(drafted for drafted, _ in rounds))
+    result = {"rounds": len(rounds), "accepted": [sum(a >= k for _, a in rounds) / len(rounds) for k in range(1, deepest + 1)]}
+    if not tree:
+        result["drafted"] = [sum(d >= k for d, _ in rounds) / len(rounds) for k in range(1, deepest + 1)]
+    return result
 
 
 def machine_description() -> dict:

@@ -46,6 +46,28 @@ def test_bench_writes_json_table_and_plot(setup, temperature):
     assert result["settings"]["command"].startswith("hf-dream bench --target tiny:idefics3")
     assert "| dream |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
+    # where drafts die: a round per target pass that verified drafts, shares falling with the position
+    for name in ("eagle", "dream"):
+        runs, positions = result["runs"][name], result["summary"][name]["position_acceptance"]
+        assert len(runs[0]["drafted_per_pass"]) == runs[0]["target_passes"] - 1  # every pass after the prefill
+        assert positions["rounds"] == sum(1 for run in runs for drafted in run["drafted_per_pass"] if drafted)
+        assert positions["drafted"][0] == 1.0 and len(positions["accepted"]) == len(positions["drafted"])
+        assert all(a >= b for a, b in zip(positions["accepted"], positions["accepted"][1:]))
+        accepted = sum(sum(run["accepted_per_pass"]) for run in runs)
+        assert sum(positions["accepted"]) * positions["rounds"] == pytest.approx(accepted)
+    assert "position_acceptance" not in result["summary"]["ar"]
+    assert "Where drafts die" in out.with_suffix(".md").read_text()
+
+
+def test_position_acceptance_counts_rounds_per_draft_position():
+    # the read-out's accepted list starts with the prefill's 0; round 1 drafts 3 and keeps 2, round 2 drafts 2, keeps 0
+    # (a last pass that drafts nothing is no round)
+    chain = [{"drafted_per_pass": [3, 2], "accepted_per_pass": [0, 2, 0]}, {"drafted_per_pass": [3, 0], "accepted_per_pass": [0, 3, 0]}]
+    assert bench.position_acceptance(chain) == {"rounds": 3, "accepted": [2 / 3, 2 / 3, 1 / 3], "drafted": [1.0, 1.0, 2 / 3]}
+    # trees: a round's accepted path may be as deep as the tree; nodes drafted are not positions
+    tree = [{"drafted_per_pass": [10, 10], "accepted_per_pass": [0, 4, 1]}]
+    assert bench.position_acceptance(tree, tree=True) == {"rounds": 2, "accepted": [1.0, 0.5, 0.5, 0.5]}
+    assert bench.position_acceptance([{"drafted_per_pass": None, "accepted_per_pass": None}]) is None
 
 
 def test_a_greedy_mismatch_is_a_correctness_failure():

@@ -423,6 +423,12 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
         help="chain methods: constant, heuristic or auto for every drafter, or NAME=SCHEDULE for one (repeatable); "
         "default: the drafter's own (drafter.decoding_options)",
     )
+    parser.add_argument(
+        "--drafter-image", action="append", default=[],
+        help="real, or blank: the drafter reads the prompt through a target pass with its images blanked while the target "
+        "decodes the real ones (measures how much the drafter uses the image; the output is unchanged), for every drafter "
+        "or NAME=VALUE for one (repeatable; chain and tree methods)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up call per method")
     parser.add_argument("--out", default="results.json", help="result JSON; the .md table and .png plot go beside it (default: results.json)")
 
@@ -431,17 +437,15 @@ def _int_or_auto(value: str):
     return value if value == "auto" else int(value)
 
 
-def _draft_schedules(specs: list[str]) -> dict[str | None, str]:
-    """`{drafter name or None (every drafter): schedule}` from `--draft-schedule` values, checked before any work."""
-    from .configuration_dream import DRAFT_SCHEDULES
-
-    schedules = {}
+def _per_drafter(option: str, specs: list[str], choices: tuple[str, ...]) -> dict[str | None, str]:
+    """`{drafter name or None (every drafter): value}` from the VALUE / NAME=VALUE specs of `--<option>`, checked before any work."""
+    values = {}
     for spec in specs:
-        name, _, schedule = spec.rpartition("=") if "=" in spec else (None, "", spec)
-        if schedule not in DRAFT_SCHEDULES:
-            raise SystemExit(f"hf-dream bench: --draft-schedule {spec!r}: the schedule must be one of {', '.join(DRAFT_SCHEDULES)}")
-        schedules[name] = schedule
-    return schedules
+        name, _, value = spec.rpartition("=") if "=" in spec else (None, "", spec)
+        if value not in choices:
+            raise SystemExit(f"hf-dream bench: --{option} {spec!r}: the value must be one of {', '.join(choices)}")
+        values[name] = value
+    return values
 
 
 def _load_drafters(specs: list[str], target, dtype) -> dict:
@@ -471,7 +475,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     _require(args, "target", "prompts")
     _check_positive(args, "limit", "max_new_tokens", "threads", "tree_top_k", "tree_depth")
-    schedules = _draft_schedules(args.draft_schedule)
+    from .configuration_dream import DRAFT_SCHEDULES
+    from .generation.options import DRAFTER_IMAGES
+
+    schedules = _per_drafter("draft-schedule", args.draft_schedule, DRAFT_SCHEDULES)
+    images = _per_drafter("drafter-image", args.drafter_image, DRAFTER_IMAGES)
     kind, _ = resolve_target_spec(args.target)
     for spec in args.drafter:  # a bad drafter fails before the target is loaded
         check_drafter_source(spec.rpartition("=")[2] if "=" in spec else spec)
@@ -480,15 +488,18 @@ def run_bench(args: argparse.Namespace) -> int:
     examples = read_prompts(args.prompts, check_images=kind != "tiny")[: args.limit]
     target, processor = load_target(args.target, dtype=args.target_dtype)
     drafters = _load_drafters(args.drafter, target, getattr(torch, args.drafter_dtype) if args.drafter_dtype else None)
-    for name in schedules.keys() - {None} - drafters.keys():
-        raise SystemExit(f"hf-dream bench: --draft-schedule names {name!r}, which is not a drafter ({', '.join(drafters)})")
+    for option, values in (("draft-schedule", schedules), ("drafter-image", images)):
+        for name in values.keys() - {None} - drafters.keys():
+            raise SystemExit(f"hf-dream bench: --{option} names {name!r}, which is not a drafter ({', '.join(drafters)})")
     # decoding options are per-call generate() keywords; unset ones stay each drafter's defaults
-    chain_options = {}
+    chain_options, image_options = {}, {}
     for name in drafters:
         if (schedule := schedules.get(name, schedules.get(None))) is not None:
             chain_options[name] = {"draft_schedule": schedule}
+        if (image := images.get(name, images.get(None))) is not None:
+            image_options[name] = {"drafter_image": image}
     tree_options = {k: v for k, v in {"tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth, "tree_total_tokens": args.tree_total_tokens}.items() if v}
-    methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options, chain_options)
+    methods = build_methods([m.strip() for m in args.methods.split(",") if m.strip()], drafters, tree_options, chain_options, image_options)
     encode = make_encoder(target, processor, Path(args.prompts).parent)
     encoded = [{k: v.to(target.device) for k, v in encode(example).items()} for example in examples]
     result = benchmark(target, encoded, methods, args.max_new_tokens, args.temperature, warmup=not args.no_warmup)

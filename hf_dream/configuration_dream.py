@@ -11,7 +11,7 @@ FUSION_MODES = ("cross_attention", "concat")
 DRAFT_SCHEDULES = ("constant", "heuristic", "auto")
 # The fields of `hf_dream.generation.options.DreamDecodingOptions` (this module imports no other hf_dream
 # module: it is exported as-is for `trust_remote_code` users), which earlier releases saved in config.json.
-DECODING_OPTION_NAMES = ("num_draft_tokens", "draft_schedule", "tree_top_k", "tree_depth", "tree_total_tokens")
+DECODING_OPTION_NAMES = ("num_draft_tokens", "draft_schedule", "tree_top_k", "tree_depth", "tree_total_tokens", "drafter_image")
 
 
 class DreamConfig(PreTrainedConfig):

@@ -42,19 +42,22 @@ class Method:
 
 
 def build_methods(
-    names: list[str], drafters: dict[str, DreamDraftModel], tree_options: dict | None = None, chain_options: dict | None = None
+    names: list[str], drafters: dict[str, DreamDraftModel], tree_options: dict | None = None, chain_options: dict | None = None,
+    drafter_options: dict | None = None,
 ) -> list[Method]:
-    """Resolve method names: `ar`, `prompt_lookup`, a drafter name (chain) or `<drafter>_tree`.
-    `tree_options` / `chain_options` (`{drafter name: options}`): DREAM decoding options passed to
-    generate() for tree / chain methods (see `DreamDecodingOptions`)."""
-    methods = []
+    """Resolve method names: `ar`, `prompt_lookup`, a drafter name (chain) or `<drafter>_tree`. DREAM decoding
+    options passed to generate() (see `DreamDecodingOptions`): `tree_options` for every tree method,
+    `chain_options` (`{drafter name: options}`) for a drafter's chain, `drafter_options` (same keys) for its chain
+    and tree alike."""
+    methods, chain_options, drafter_options = [], chain_options or {}, drafter_options or {}
     for name in names:
         if name in ("ar", "prompt_lookup"):
             methods.append(Method(name, name))
         elif name in drafters:
-            methods.append(Method(name, "chain", drafters[name], dict((chain_options or {}).get(name, {}))))
+            methods.append(Method(name, "chain", drafters[name], {**chain_options.get(name, {}), **drafter_options.get(name, {})}))
         elif name.endswith("_tree") and name[: -len("_tree")] in drafters:
-            methods.append(Method(name, "tree", drafters[name[: -len("_tree")]], dict(tree_options or {})))
+            base = name[: -len("_tree")]
+            methods.append(Method(name, "tree", drafters[base], {**(tree_options or {}), **drafter_options.get(base, {})}))
         else:
             known = ["ar", "prompt_lookup", *drafters, *(f"{d}_tree" for d in drafters)]
             raise ValueError(f"Unknown method {name!r}; available with these drafters: {', '.join(known)}")

@@ -83,8 +83,8 @@ class DreamCandidateGenerator(CandidateGenerator):
                 mask = torch.ones_like(input_ids[:, :prompt], dtype=torch.bool)
                 # the target's positions of the prompt: the position ids transformers' loop gave it (3-D for M-RoPE)
                 positions = state.adapter.target_positions(input_ids[:, :prompt], mask, model_kwargs or {})
-                features = self.drafter.fuse_target_features(hidden_states)
-                output = state.prefill(input_ids[:, :prompt], mask, hidden_states[0], features, input_ids[:, prompt], positions)
+                embeds, features = state.prompt_view(input_ids[:, :prompt], mask, hidden_states)
+                output = state.prefill(input_ids[:, :prompt], mask, embeds, features, input_ids[:, prompt], positions)
                 self.stats.record_visual(state)
                 if not self._all_layers:
                     self.model_kwargs_overrides = {"output_hidden_states": self._feature_layers}

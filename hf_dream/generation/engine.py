@@ -489,8 +489,8 @@ def speculative_generate(model, input_ids, logits_processor, stopping_criteria, 
         if active:
             # the target's positions (generate()'s own position ids: 3-D for M-RoPE, possibly offset for 1-D)
             positions = state.adapter.target_positions(input_ids, prompt_mask, model_kwargs)
-            features = drafter.fuse_target_features(outputs.hidden_states)
-            output = state.prefill(input_ids, prompt_mask, outputs.hidden_states[0], features, first, positions)
+            embeds, features = state.prompt_view(input_ids, prompt_mask, outputs.hidden_states)
+            output = state.prefill(input_ids, prompt_mask, embeds, features, first, positions)
             stats.record_visual(state)
             if len(active) < batch:
                 keep = torch.tensor(active, device=device)

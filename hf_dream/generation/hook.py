@@ -27,12 +27,13 @@ import contextvars
 import functools
 import inspect
 
+import torch
 from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 
 from .batched import batched_generate
 from .candidate_generator import DreamCandidateGenerator
-from .options import DreamDecodingOptions, pop_call_options
+from .options import CALL_INPUTS, DreamDecodingOptions, pop_call_options
 from .tree import tree_generate
 from .validation import check_dream_call
 
@@ -143,25 +144,40 @@ def _generate(original):
         # this call's decoding options (keywords such as num_draft_tokens=3 are not model inputs): a
         # mistyped one is an error here, before any work
         options = pop_call_options(drafter, kwargs)
-        if not custom:
-            inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
-            if inputs is not None and inputs.shape[0] > 1:
-                # transformers' assisted loop raises for batches: run our batched loop instead
-                # (`assistant_model` must go, or generate() would resolve to assisted decoding)
-                kwargs.pop("assistant_model")
-                kwargs["custom_generate"] = batched_generate
-                kwargs["drafter"] = drafter
-        if kwargs.get("custom_generate") in DREAM_LOOPS:
-            kwargs["decoding_options"] = options
-            return _plain_or_custom(original, self, args, kwargs)
-        token = _CALL_OPTIONS.set(options)  # the assisted path: read by `_get_candidate_generator`
+        call_inputs = None
+        if options.drafter_image == "blank":  # the drafter's blank-image pass needs the pixels, which generate() encodes away
+            call_inputs = {key: value for key, value in kwargs.items() if torch.is_tensor(value)}
+            if args and torch.is_tensor(args[0]):
+                call_inputs["input_ids"] = args[0]
+        inputs_token = CALL_INPUTS.set(call_inputs)
         try:
-            return original(self, *args, **kwargs)
+            return _dream_generate(original, self, drafter, custom, options, args, kwargs)
         finally:
-            _CALL_OPTIONS.reset(token)
+            CALL_INPUTS.reset(inputs_token)
 
     generate.__hf_dream_wrapped__ = True
     return generate
+
+
+def _dream_generate(original, self, drafter, custom: bool, options: DreamDecodingOptions, args, kwargs):
+    """A generate() call with a DREAM drafter: batches to our batched loop, custom loops with their options,
+    the rest through transformers' assisted loop with our candidate generator."""
+    if not custom:
+        inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+        if inputs is not None and inputs.shape[0] > 1:
+            # transformers' assisted loop raises for batches: run our batched loop instead
+            # (`assistant_model` must go, or generate() would resolve to assisted decoding)
+            kwargs.pop("assistant_model")
+            kwargs["custom_generate"] = batched_generate
+            kwargs["drafter"] = drafter
+    if kwargs.get("custom_generate") in DREAM_LOOPS:
+        kwargs["decoding_options"] = options
+        return _plain_or_custom(original, self, args, kwargs)
+    token = _CALL_OPTIONS.set(options)  # the assisted path: read by `_get_candidate_generator`
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        _CALL_OPTIONS.reset(token)
 
 
 def _plain_or_custom(original, self, args, kwargs):

@@ -17,6 +17,7 @@ An option name that is not one of the fields below (a typo) is an error naming i
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -25,6 +26,12 @@ from transformers.utils import logging
 from ..configuration_dream import DRAFT_SCHEDULES
 
 logger = logging.get_logger(__name__)
+
+DRAFTER_IMAGES = ("real", "blank")  # what the drafter is shown of the prompt's images (see `drafter_image`)
+
+# the model-input tensors a DREAM generate() call was given, before transformers encodes its images (set by the
+# generate hook for `drafter_image="blank"`, whose second prompt pass needs the pixels)
+CALL_INPUTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hf_dream_call_inputs", default=None)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,12 @@ class DreamDecodingOptions:
         tree_total_tokens (`int` or `"auto"`, defaults to 16): tree decoding: drafted nodes verified per
             target pass (the root comes on top); `"auto"` sizes the tree from measured verification
             costs and the acceptance observed (see [`tree_generate`]).
+        drafter_image (`str`, defaults to `"real"`): a measurement switch. `"blank"` gives the drafter a
+            blank picture: its view of the prompt (input embeddings, the target features in its memory, the
+            ranking of visual tokens) comes from a second target pass over the same prompt with every image
+            blanked (a uniform light grey, `drafter_state.BLANK_PIXEL_VALUE`), while the target decodes and verifies with
+            the real image. The output stays the target's; only acceptance changes, which measures how much
+            the drafter uses the image (`hf-dream bench --drafter-image blank`).
     """
 
     num_draft_tokens: int = 5
@@ -56,6 +69,7 @@ class DreamDecodingOptions:
     tree_top_k: int = 4
     tree_depth: int = 5
     tree_total_tokens: int | str = 16
+    drafter_image: str = "real"
 
     def __post_init__(self):
         for name in ("num_draft_tokens", "tree_top_k", "tree_depth", "tree_total_tokens"):
@@ -67,6 +81,8 @@ class DreamDecodingOptions:
                 raise ValueError(f"DREAM decoding option `{name}` must be {allowed}, got {value!r}.")
         if self.draft_schedule not in DRAFT_SCHEDULES:
             raise ValueError(f"DREAM decoding option `draft_schedule` must be one of {DRAFT_SCHEDULES}, got {self.draft_schedule!r}.")
+        if self.drafter_image not in DRAFTER_IMAGES:
+            raise ValueError(f"DREAM decoding option `drafter_image` must be one of {DRAFTER_IMAGES}, got {self.drafter_image!r}.")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

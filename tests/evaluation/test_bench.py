@@ -109,11 +109,41 @@ def test_draft_schedule_per_drafter(setup, monkeypatch):
     assert json.loads(out.read_text())["summary"]["timed"]["identical_to_ar"] is True
 
 
-@pytest.mark.parametrize("value, message", [("fast", "must be one of constant, heuristic, auto"), ("nobody=auto", "not a drafter")])
-def test_bad_draft_schedule_is_refused(setup, value, message):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--draft-schedule", "fast", "must be one of constant, heuristic, auto"),
+        ("--draft-schedule", "nobody=auto", "--draft-schedule names 'nobody', which is not a drafter"),
+        ("--drafter-image", "shuffled", "must be one of real, blank"),
+        ("--drafter-image", "nobody=blank", "--drafter-image names 'nobody', which is not a drafter"),
+    ],
+)
+def test_bad_per_drafter_option_is_refused(setup, option, value, message):
     tmp_path, prompts = setup
     with pytest.raises(SystemExit, match=message):
-        main(["bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--prompts", str(prompts), "--draft-schedule", value])
+        main(["bench", "--target", "tiny:idefics3", "--drafter", str(tmp_path / "dream"), "--prompts", str(prompts), option, value])
+
+
+def test_blank_drafter_image_per_drafter_reaches_chain_and_tree(setup, monkeypatch):
+    """Issue 11's "does the drafter use the image": one drafter twice, once shown a blank picture; outputs unchanged."""
+    tmp_path, prompts = setup
+    out = tmp_path / "images.json"
+    argv = [
+        "bench", "--target", "tiny:idefics3", "--drafter", f"seeing={tmp_path / 'dream'}", "--drafter", f"blind={tmp_path / 'dream'}",
+        "--drafter-image", "blind=blank", "--prompts", str(prompts), "--methods", "ar,seeing,blind,blind_tree", "--max-new-tokens", "12",
+        "--out", str(out),
+    ]
+    views = {}
+    run_one = bench.run_one
+
+    def spy(target, method, *args, **kwargs):
+        views[method.name] = method.options.get("drafter_image", "real")
+        return run_one(target, method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_one", spy)
+    assert main(argv) == 0
+    assert views == {"ar": "real", "seeing": "real", "blind": "blank", "blind_tree": "blank"}
+    assert all(entry["identical_to_ar"] for entry in json.loads(out.read_text())["summary"].values())
 
 
 def test_a_method_that_cannot_run_is_reported_not_fatal(tmp_path):

@@ -220,6 +220,29 @@ def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fu
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_blank_drafter_image_changes_the_drafters_view_only(mode, family, monkeypatch):
+    """`drafter_image="blank"` (the "does the drafter use the image" measurement): the drafter's prompt embeddings
+    differ at the image positions and nowhere else, and the output is still plain greedy output."""
+    from hf_dream.generation.drafter_state import DrafterState
+
+    target = cached_target(family)
+    inputs, rows = case(mode, target)
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    seen = []
+    prefill = DrafterState.prefill
+    monkeypatch.setattr(DrafterState, "prefill", lambda self, ids, mask, embeds, *rest: seen.append((ids, embeds)) or prefill(self, ids, mask, embeds, *rest))
+    torch.manual_seed(0)
+    drafter = DreamDraftModel.from_target(target)
+    outputs = [run(mode, target, inputs, drafter, drafter_image=view, **greedy) for view in ("real", "blank")]
+    reference = target.generate(**inputs, **greedy)
+    assert all(torch.equal(output, reference) for output in outputs)
+    (ids, real), (_, blank) = seen
+    images = drafter.target_adapter.image_token_mask(ids)
+    assert images.any() and torch.equal(real[~images], blank[~images])
+    assert not torch.allclose(real[images], blank[images])
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_reduced_draft_vocabulary_greedy_output_is_plain_greedy_output(mode, family):
     target = cached_target(family)
     inputs, rows = case(mode, target)

@@ -29,7 +29,7 @@ def setup():
 
 def test_defaults_are_the_documented_ones():
     assert DreamDecodingOptions().to_dict() == dict(
-        num_draft_tokens=5, draft_schedule="constant", tree_top_k=4, tree_depth=5, tree_total_tokens=16
+        num_draft_tokens=5, draft_schedule="constant", tree_top_k=4, tree_depth=5, tree_total_tokens=16, drafter_image="real"
     )
     # the config knows the names without importing the generation package (exported remote code)
     assert DECODING_OPTION_NAMES == DreamDecodingOptions.names()
@@ -39,7 +39,7 @@ def test_defaults_are_the_documented_ones():
     "field, value",
     [("num_draft_tokens", 0), ("num_draft_tokens", "5"), ("num_draft_tokens", True), ("draft_schedule", "fast"),
      ("tree_top_k", 0), ("tree_top_k", "4"), ("tree_depth", 2.0), ("tree_depth", "5"), ("tree_total_tokens", "big"),
-     ("tree_total_tokens", "16")],  # string-typed numbers (issue 15) are named, not compared later
+     ("tree_total_tokens", "16"), ("drafter_image", "shuffled")],  # string-typed numbers (issue 15) are named, not compared later
 )
 def test_bad_values_name_the_option(field, value):
     with pytest.raises(ValueError, match=f"`{field}` must be"):

@@ -205,6 +205,11 @@ def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: f
             mismatches = [i for i, (base, run) in enumerate(zip(baseline, method_runs)) if base["new_tokens"] != run["new_tokens"]]
             entry["identical_to_ar"] = not mismatches
             entry["mismatched_prompts"] = mismatches
+            # how far outputs agree where exactness is not promised (a bfloat16 target): the share of prompts
+            # identical, and of ar's tokens before each prompt's first difference
+            agreed = sum(_common_prefix(base["new_tokens"], run["new_tokens"]) for base, run in zip(baseline, method_runs))
+            entry["identical_prompt_share"] = 1 - len(mismatches) / len(method_runs) if method_runs else None
+            entry["identical_token_share"] = agreed / max(1, sum(len(base["new_tokens"]) for base in baseline[: len(method_runs)]))
         summary[method.name] = entry
     return summary
 
@@ -227,6 +232,14 @@ def position_acceptance(runs: list[dict], tree: bool = False) -> dict | None:
     if not tree:
         result["drafted"] = [sum(d >= k for d, _ in rounds) / len(rounds) for k in range(1, deepest + 1)]
     return result
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    """How many leading tokens the two outputs share."""
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
 
 
 def machine_description() -> dict:

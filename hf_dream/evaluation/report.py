@@ -24,6 +24,8 @@ def markdown_table(result: dict) -> str:
     for name, entry in result["summary"].items():
         tau = "-" if entry["acceptance_length"] is None else f"{entry['acceptance_length']:.2f}"
         same = {True: "yes", False: "**NO**", None: "n/a"}[entry.get("identical_to_ar")]
+        if entry.get("identical_to_ar") is False and "identical_token_share" in entry:
+            same += f" ({entry['identical_prompt_share']:.0%} of prompts, {entry['identical_token_share']:.0%} of tokens before a difference)"
         lines.append(
             f"| {name} | {tau} | {entry['tokens_per_second_median']:.1f} | {format_speedup(entry['speedup_median'])} "
             f"| {format_speedup(entry['speedup_min'])} - {format_speedup(entry['speedup_max'])} | {same} |"

@@ -11,6 +11,7 @@ from hf_dream import DreamDraftModel
 from hf_dream.cli import main
 from hf_dream.evaluation import bench
 from hf_dream.evaluation.bench import Method, summarize
+from hf_dream.evaluation.report import markdown_table
 
 
 @pytest.fixture
@@ -77,6 +78,9 @@ def test_a_greedy_mismatch_is_a_correctness_failure():
     }
     summary = summarize(runs, [Method("ar", "ar"), Method("dream", "chain")], temperature=0.0)
     assert summary["dream"]["identical_to_ar"] is False and summary["dream"]["mismatched_prompts"] == [0]
+    assert summary["dream"]["identical_prompt_share"] == 0.0 and summary["dream"]["identical_token_share"] == 2 / 3
+    assert summary["ar"]["identical_prompt_share"] == 1.0 and summary["ar"]["identical_token_share"] == 1.0
+    assert "0% of prompts, 67% of tokens before a difference" in markdown_table({"summary": summary})
     assert summary["dream"]["speedup_median"] == 2.0 and summary["dream"]["acceptance_length"] == 1.5
 
 

@@ -521,6 +521,35 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- training curves -------------------------------------------------------------------------
+def _configure_curves(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", action="append", default=[], dest="runs",
+        help="NAME=DIR: an `hf-dream train --output_dir` folder (its trainer_state.json or latest checkpoint's), repeatable",
+    )
+    parser.add_argument("--out", default="curves.json", help="curves JSON; the .png plot goes beside it (default: curves.json)")
+
+
+@command("curves", _configure_curves)
+def run_curves(args: argparse.Namespace) -> int:
+    """Training curves of drafter runs side by side (train loss, held-out loss, top-1, acceptance length): JSON and a plot."""
+    from .evaluation.curves import write_curves
+
+    if not args.runs:
+        raise SystemExit("hf-dream curves: give at least one --run NAME=DIR")
+    runs = {}
+    for spec in args.runs:
+        name, _, path = spec.partition("=")
+        if not path or not name:
+            raise SystemExit(f"hf-dream curves: --run {spec!r}: expected NAME=DIR")
+        if name in runs:
+            raise SystemExit(f"hf-dream curves: two runs named {name!r}")
+        runs[name] = path
+    paths = write_curves(runs, args.out)
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 # --- reference ---------------------------------------------------------------------------------
 def _configure_reference(parser: argparse.ArgumentParser) -> None:
     from .reference.commands import configure

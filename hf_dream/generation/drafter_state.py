@@ -311,7 +311,7 @@ def blank_image_hidden_states(model, input_ids, prompt_mask, prompt_kwargs: dict
     width = input_ids.shape[1]
     inputs = {}
     for key, value in prompt_kwargs.items():
-        if key in _NOT_PROMPT_INPUTS or key == "input_ids" or value is None:
+        if key in _NOT_PROMPT_INPUTS or key in ("input_ids", "inputs") or value is None:
             continue
         if key.startswith("pixel_values") and torch.is_tensor(value):
             value = blank_pixels(value)

@@ -236,6 +236,14 @@ class TargetAdapter:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
+    # a blank picture in the processor's normalised pixel space: a uniform light grey, one standard deviation above
+    # the processor's mean colour (white for SmolVLM's mean 0.5 / std 0.5)
+    blank_pixel_value: ClassVar[float] = 1.0
+
+    def blank_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` with every picture blank (`blank_pixel_value`), for `drafter_image="blank"`."""
+        return torch.full_like(pixel_values, self.blank_pixel_value)
+
     @property
     def mrope_section(self) -> list[int] | None:
         """Rotary frequencies per position axis (temporal, height, width) for an M-RoPE target; None for 1-D rotary."""
@@ -322,6 +330,12 @@ class Idefics3Adapter(TargetAdapter):
 
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
+
+    def blank_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """As every family, except that an all-zero picture of the `(batch, images, c, h, w)` tensor stays all zero:
+        Idefics3 reads it as a padding image (a ragged batch holds them), and a blank one must not become real."""
+        padding = (pixel_values == 0).flatten(-3).all(-1)[..., None, None, None]
+        return super().blank_pixel_values(pixel_values).masked_fill(padding, 0)
 
 
 @register_target_adapter

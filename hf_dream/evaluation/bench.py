@@ -215,8 +215,8 @@ def summarize(runs: dict[str, list[dict]], methods: list[Method], temperature: f
 
 
 def position_acceptance(runs: list[dict], tree: bool = False) -> dict | None:
-    """Where drafts die: over all drafting rounds of `runs` (target passes that verified at least one draft), per draft position k (1-based), the share of rounds
-    whose k-th draft token was accepted (`accepted[k - 1]`; it falls with k, and `accepted[0]` is the first
+    """Where drafts die: over all drafting rounds of `runs` (target passes that verified at least one draft), per
+    draft position k (1-based), the share of rounds whose k-th draft token was accepted (`accepted[k - 1]`; it falls with k, and `accepted[0]` is the first
     draft's acceptance rate) and, for chains, the share of rounds that drafted a k-th token at all
     (`drafted[k - 1]`: below 1 where the schedule drafts shorter). None for methods that record no rounds."""
     rounds = []

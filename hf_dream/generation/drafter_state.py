@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from ..features import AttentionInputRecorder, attention_received, select_visual_tokens
-from ..targets import TargetPositions, token_type_keys
+from ..targets import TargetPositions
 from .cost_model import DraftLengthChooser
 from .kv_cache import RaggedCache
 from .options import CALL_INPUTS, DreamDecodingOptions, drafter_options
@@ -139,7 +139,7 @@ class DrafterState:
             call_inputs = CALL_INPUTS.get()
             if call_inputs is None:
                 raise RuntimeError('drafter_image="blank" needs the inputs of the generate() call: decode through target.generate(...).')
-            hidden_states = blank_image_hidden_states(self.adapter.model, input_ids, prompt_mask, call_inputs)
+            hidden_states = blank_image_hidden_states(self.adapter, input_ids, prompt_mask, call_inputs)
         return hidden_states[0], self.drafter.fuse_target_features(hidden_states)
 
     def start_prefill(self, input_ids) -> None:
@@ -284,38 +284,25 @@ class DrafterState:
         self.schedule.select_rows(rows)
 
 
-# a blank picture, in the processor's normalised pixel space: a uniform light grey, one standard deviation above the
-# processor's mean colour (white for SmolVLM's mean 0.5 / std 0.5); 0 would read as a padding image to Idefics3
-BLANK_PIXEL_VALUE = 1.0
-
-# model inputs a prompt-only pass leaves out: the decoding cache and what the loop sets per pass
-_NOT_PROMPT_INPUTS = ("past_key_values", "cache", "cache_position", "use_cache", "position_ids", "inputs_embeds",
+# inputs a prompt-only pass leaves out: the prompt ids (given apart), the decoding cache and what the loop sets per pass
+_NOT_PROMPT_INPUTS = ("input_ids", "inputs", "past_key_values", "cache", "cache_position", "use_cache", "position_ids", "inputs_embeds",
                       "output_hidden_states", "output_attentions", "return_dict", "logits_to_keep")
 
 
-def blank_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
-    """`pixel_values` with every picture a uniform `BLANK_PIXEL_VALUE`; an all-zero picture of a `(..., c, h, w)`
-    batch stays all zero (a padding image, as a ragged Idefics3 batch holds)."""
-    blank = torch.full_like(pixel_values, BLANK_PIXEL_VALUE)
-    if pixel_values.dim() >= 4:
-        padding = (pixel_values == 0).flatten(-3).all(-1)[..., None, None, None]
-        blank = blank.masked_fill(padding, 0)
-    return blank
-
-
 @torch.no_grad()
-def blank_image_hidden_states(model, input_ids, prompt_mask, prompt_kwargs: dict) -> tuple[torch.Tensor, ...]:
-    """Every hidden state of `model` over the prompt `input_ids` with its images blanked (`prompt_kwargs`: the
-    call's model inputs, every `pixel_values*` among them set to `BLANK_PIXEL_VALUE`; image sizes, grids and
-    token types unchanged), without a cache."""
+def blank_image_hidden_states(adapter, input_ids, prompt_mask, prompt_kwargs: dict) -> tuple[torch.Tensor, ...]:
+    """Every hidden state of the target (`adapter.model`) over the prompt `input_ids` with its images blanked
+    (`prompt_kwargs`: the call's model inputs, every `pixel_values*` among them blanked by
+    `adapter.blank_pixel_values`; image sizes, grids and token types unchanged), without a cache."""
+    model = adapter.model
     width = input_ids.shape[1]
     inputs = {}
     for key, value in prompt_kwargs.items():
-        if key in _NOT_PROMPT_INPUTS or key in ("input_ids", "inputs") or value is None:
+        if key in _NOT_PROMPT_INPUTS or value is None:
             continue
         if key.startswith("pixel_values") and torch.is_tensor(value):
-            value = blank_pixels(value)
-        elif key in token_type_keys() and torch.is_tensor(value):
+            value = adapter.blank_pixel_values(value)
+        elif key in adapter.token_type_keys and torch.is_tensor(value):
             value = value[:, :width]
         inputs[key] = value
     inputs["attention_mask"] = prompt_mask.long()

@@ -59,7 +59,7 @@ class DreamDecodingOptions:
         drafter_image (`str`, defaults to `"real"`): a measurement switch. `"blank"` gives the drafter a
             blank picture: its view of the prompt (input embeddings, the target features in its memory, the
             ranking of visual tokens) comes from a second target pass over the same prompt with every image
-            blanked (a uniform light grey, `drafter_state.BLANK_PIXEL_VALUE`), while the target decodes and verifies with
+            blanked (a uniform light grey, `TargetAdapter.blank_pixel_value`), while the target decodes and verifies with
             the real image. The output stays the target's; only acceptance changes, which measures how much
             the drafter uses the image (`hf-dream bench --drafter-image blank`).
     """

@@ -293,7 +293,7 @@ def tree_depths(trees: list[DraftTree]) -> torch.LongTensor:
 
 def verify(
     model, cache: RaggedCache, trees: list[DraftTree], depths: torch.LongTensor, positions: torch.LongTensor,
-    feature_layers: int | list[int], fuse=None,
+    feature_layers: list[int], fuse=None,
 ) -> Verification:
     """Run every row's root and drafted nodes through the target in one forward.
 
@@ -303,8 +303,11 @@ def verify(
     ([`DrafterState.verify_positions`]), so siblings share a position, exactly as they would in the
     sequence if accepted. Smaller trees are padded with nodes that see only themselves. The
     cache grows by the padded size in every row; record which entries are kept with
-    `cache.extend(...)` next. `feature_layers`: the target layer the features are (an index), or the layers
-    `fuse(hidden_states)` reads (the drafter's `fuse_target_features`)."""
+    `cache.extend(...)` next. `feature_layers`: the target layers whose hidden states the forward returns;
+    the features are `fuse(hidden_states)` (the drafter's `fuse_target_features`), or without `fuse` the one
+    layer in `feature_layers`."""
+    if fuse is None and len(feature_layers) != 1:
+        raise ValueError(f"verify without `fuse` reads one feature layer, got {feature_layers}")
     size = max(len(tree) for tree in trees)
     device = positions.device
     tokens = torch.stack([torch.cat([t.tokens, t.tokens[:1].expand(size - len(t))]) for t in trees]).to(device)
@@ -322,11 +325,11 @@ def verify(
         position_ids=position_ids_for_model(positions),
         cache=cache.cache,
         use_cache=True,
-        output_hidden_states=[feature_layers] if isinstance(feature_layers, int) else list(feature_layers),
+        output_hidden_states=list(feature_layers),
         return_dict=True,
     )
     # the drafter's feature of each node: one target layer, or the drafter's fusion of several (`fuse(hidden_states)`)
-    features = outputs.hidden_states[feature_layers] if fuse is None else fuse(outputs.hidden_states)
+    features = outputs.hidden_states[feature_layers[0]] if fuse is None else fuse(outputs.hidden_states)
     return Verification(logits=outputs.logits.float(), features=features)
 
 

@@ -315,5 +315,5 @@ def verify_tree(model, cache, tree: DraftTree, root_position: int, last_layer: i
     valid = torch.ones(1, cache.get_seq_length(), dtype=torch.bool) if visible is None else visible[None]
     device = tree.tokens.device
     depths = tree_depths([tree]).to(device)
-    layers, fuse = (last_layer, None) if drafter is None else (drafter.target_feature_layers, drafter.fuse_target_features)
+    layers, fuse = ([last_layer], None) if drafter is None else (drafter.target_feature_layers, drafter.fuse_target_features)
     return verify(model, RaggedCache(cache, valid.to(device)), [tree], depths, root_position + depths[None], layers, fuse)

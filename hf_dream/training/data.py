@@ -84,6 +84,18 @@ def _pad_sequence(tensor: torch.Tensor, length: int, side: str, value: int) -> t
     return torch.nn.functional.pad(tensor, (missing, 0) if side == "left" else (0, missing), value=value)
 
 
+ROW_METADATA = ("prompt_length", "source_index", "length")
+"""Columns of a prepared row that are not target inputs (`length`: added by `DreamTrainer` for length-grouped batches)."""
+
+
+def with_lengths(dataset):
+    """`dataset` with a `length` column (tokens per row, read from `input_ids` alone), for the Trainer's
+    `train_sampling_strategy="group_by_length"` / `"batch_rebalance"`, which otherwise reads every row in full."""
+    if not isinstance(dataset, Dataset) or "length" in dataset.column_names:
+        return dataset
+    return dataset.add_column("length", [len(ids) for ids in dataset["input_ids"]])
+
+
 class DreamDataCollator:
     """Collates prepared rows into a training batch: right-padded target inputs plus
     `prompt_lengths` and `sequence_lengths` (for the response mask)."""
@@ -93,7 +105,7 @@ class DreamDataCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         # sequence-aligned keys stay 1-D here: `collate_model_inputs` lays them out as (1, length) rows
-        samples = [{key: torch.as_tensor(value) for key, value in row.items() if key not in ("prompt_length", "source_index")} for row in rows]
+        samples = [{key: torch.as_tensor(value) for key, value in row.items() if key not in ROW_METADATA} for row in rows]
         batch = collate_model_inputs(samples, "right", self.pad_token_id)
         batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
         batch["sequence_lengths"] = torch.tensor([len(row["input_ids"]) for row in rows])

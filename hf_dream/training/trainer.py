@@ -16,10 +16,11 @@ from transformers import Trainer, TrainingArguments
 from ..features import read_teacher
 from ..modeling_dream import DreamDraftModel
 from ..targets import token_type_keys
-from .data import DreamDataCollator, response_mask
+from .data import ROW_METADATA, DreamDataCollator, response_mask, with_lengths
 from .losses import dream_losses, top1_agreement
 
 MID_SUPERVISION = ("entropy", "static", "none")
+LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")  # Trainer sampling strategies that read row lengths
 
 
 @dataclass
@@ -88,6 +89,10 @@ class DreamTrainingArguments(TrainingArguments):
             raise ValueError(f"ttt_steps must be at least 1 (1: no training-time test), got {self.ttt_steps}.")
         if not 0.0 < self.ttt_decay <= 1.0:
             raise ValueError(f"ttt_decay must be in (0, 1], got {self.ttt_decay}.")
+        if self.train_sampling_strategy in LENGTH_STRATEGIES and self.length_column_name != "length":
+            raise ValueError(
+                f"DreamTrainer adds the row lengths itself as column 'length'; got length_column_name={self.length_column_name!r}."
+            )
 
 
 def gather_positions(keep: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +132,12 @@ class DreamTrainer(Trainer):
         teacher.eval().requires_grad_(False)
         model.attach_target(teacher)
         pad = teacher.generation_config.pad_token_id
+        if args.train_sampling_strategy in LENGTH_STRATEGIES:  # rows of similar length together: less padding per batch
+            for key in ("train_dataset", "eval_dataset"):
+                if isinstance(kwargs.get(key), dict):
+                    kwargs[key] = {name: with_lengths(split) for name, split in kwargs[key].items()}
+                elif kwargs.get(key) is not None:
+                    kwargs[key] = with_lengths(kwargs[key])
         super().__init__(model=model, args=args, data_collator=data_collator or DreamDataCollator(pad or 0), **kwargs)
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.adapter = model.target_adapter
@@ -248,7 +259,7 @@ def prompt_inputs(row: dict, device) -> dict:
     sequence_aligned = ("input_ids", *token_type_keys())
     inputs = {}
     for key, value in row.items():
-        if key in ("prompt_length", "source_index"):
+        if key in ROW_METADATA:
             continue
         tensor = torch.as_tensor(value)
         if key in sequence_aligned:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import cached_target
 from safetensors.torch import load_file
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hf_dream import DreamDraftModel
 from hf_dream.testing import make_tiny_inputs
@@ -167,6 +168,28 @@ def test_an_eagle3_style_drafter_trains_its_feature_fusion_with_training_time_te
     trainer.compute_loss(drafter, next(iter(trainer.get_train_dataloader()))).backward()
     assert drafter.feature_fusion.weight.grad is not None and drafter.feature_fusion.weight.grad.abs().sum() > 0
     assert not [name for name, p in drafter.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_length_grouped_batches_read_the_row_lengths_and_train(tmp_path):
+    # `train_sampling_strategy="group_by_length"`: DreamTrainer adds the `length` column from input_ids alone, so the
+    # Trainer's length-grouped sampler neither reads every row in full nor lets the column reach the target
+    target = cached_target(FAMILY)
+    dataset = prepare(tmp_path, num=8)
+    cut = [dataset[i]["prompt_length"] + 2 + 5 * i for i in range(len(dataset))]  # eight different lengths
+    dataset = dataset.map(lambda row, i: {"input_ids": row["input_ids"][: cut[i]]}, with_indices=True)
+    args = DreamTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, train_sampling_strategy="group_by_length",
+    )
+    trainer = DreamTrainer(model=DreamDraftModel.from_target(target), teacher=target, args=args, train_dataset=dataset)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and list(sampler.lengths) == cut
+    assert sorted(sampler) == list(range(len(dataset)))
+    assert "length" not in next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="length_column_name"):
+        DreamTrainingArguments(output_dir="x", use_cpu=True, train_sampling_strategy="group_by_length", length_column_name="n")
 
 
 def test_bad_arguments():

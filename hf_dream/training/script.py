@@ -170,7 +170,8 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         trainable = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
         print(f"[hf-dream] training {trainable:,} drafter parameters on {training_args.world_size} process(es)")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if eval_dataset is not None:
+    evaluated = {entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    if eval_dataset is not None and trainer.state.global_step not in evaluated:  # the final weights' held-out numbers
         trainer.evaluate()
     destination = script_args.save_drafter_to or str(Path(training_args.output_dir) / "drafter")
     trainer.save_model(destination)

@@ -8,6 +8,7 @@ import pytest
 
 from hf_dream import DreamDraftModel
 from hf_dream.cli import main
+from hf_dream.training import DreamTrainer
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def prompts(tmp_path):
     return path
 
 
-def test_prepare_train_calibrate(tmp_path, prompts, capsys):
+def test_prepare_train_calibrate(tmp_path, prompts, capsys, monkeypatch):
     data = tmp_path / "data"
     assert main(["prepare-data", "--target", "tiny:gemma3", "--prompts", str(prompts), "--output", str(data), "--max-new-tokens", "24", "--shard-size", "4"]) == 0
     assert "6 examples" in capsys.readouterr().out
@@ -42,6 +43,18 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys):
     assert drafter.config.intermediate_size == 24 and drafter.final_block.mlp.up_proj.out_features == 24
     assert drafter.config.entropy_candidate_layers == [1]  # 'all' on a 2-layer target
     assert drafter.config.target_name_or_path == "tiny:gemma3"
+    # the final weights are evaluated once: by the run's own schedule when it ends on an eval step, else after it
+    steps_evaluated = []
+    original = DreamTrainer.evaluate
+
+    def counting_evaluate(self, *args, **kwargs):
+        steps_evaluated.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DreamTrainer, "evaluate", counting_evaluate)
+    assert main(["train", "--config", str(config), "--eval_strategy", "steps", "--eval_steps", "2"]) == 0
+    assert main(["train", "--config", str(config), "--eval_strategy", "steps", "--eval_steps", "3"]) == 0
+    assert steps_evaluated == [2, 4, 3, 4]
     # the EAGLE-3 baseline: concat fusion over several target layers, trained with training-time test; it saves and loads
     assert main(["train", "--config", str(config), "--fusion", "concat", "--feature_layers", "eagle3", "--ttt_steps", "2"]) == 0
     eagle3 = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")

@@ -34,8 +34,8 @@ class DreamConfig(PreTrainedConfig):
         hidden_act (`str`): Activation of the draft MLPs.
         rms_norm_eps (`float`): Epsilon of the RMS norms.
         max_position_embeddings (`int`): Longest sequence the rotary embedding is sized for.
-        rope_theta (`float`): Base of the rotary embedding of the draft self-attention (the
-            cross-attention uses no rotary embedding).
+        rope_theta (`float`): Base of the rotary embedding of the draft self-attention (and of the
+            cross-attention with `cross_attention_rope`).
         mrope_section (`list[int]`, *optional*): For a target with multimodal rotary positions
             (M-RoPE: Qwen2.5-VL, Qwen3-VL), how many rotary frequencies follow each position axis
             (temporal, height, width), copied from the target's text config; the drafter's rotary
@@ -49,6 +49,10 @@ class DreamConfig(PreTrainedConfig):
             -> final decoder block. `"concat"` is the EAGLE-style baseline: the token embedding
             and the target feature of the previous position are concatenated and projected, then
             go through the decoder blocks (same number of blocks, for a fair comparison).
+        cross_attention_rope (`bool`, defaults to `False`): With `fusion="cross_attention"`: a rotary embedding
+            on the cross-attention's queries and keys by memory slot (the query at position p, the feature of
+            slot j), so their score depends on the offset p - j and the drafter can find the newest verified
+            feature by position, not only by content. DREAM's code uses no position there (`False`).
         visual_keep_ratio (`float`): Fraction of visual tokens kept in the *drafter's* input
             sequence, chosen by the attention they receive in the target's last layer
             (DREAM keeps 75%). `1.0` disables compression. The target always sees every token.
@@ -103,6 +107,7 @@ class DreamConfig(PreTrainedConfig):
     attention_bias: bool = False
     initializer_range: float = 0.02
     fusion: str = "cross_attention"
+    cross_attention_rope: bool = False
     visual_keep_ratio: float = 0.75
     draft_vocab_size: int | None = None
     feature_layers: list[int] | None = None
@@ -127,6 +132,8 @@ class DreamConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
+        if self.cross_attention_rope and self.fusion != "cross_attention":
+            raise ValueError(f"`cross_attention_rope` needs fusion='cross_attention', got fusion={self.fusion!r}.")
         if not 0.0 < self.visual_keep_ratio <= 1.0:
             raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:

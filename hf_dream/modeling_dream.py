@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, rotate_half
 from transformers.utils import ModelOutput
 
 from .configuration_dream import DECODING_OPTION_NAMES, DreamConfig
@@ -201,10 +201,12 @@ class DreamFeatureMemory:
 
 class DreamCrossAttention(nn.Module):
     """Queries from the draft's hidden states, keys/values from target features; per-head RMSNorm
-    on queries and keys; no rotary embedding (features already encode their positions)."""
+    on queries and keys; no rotary embedding (DREAM's choice), or with `config.cross_attention_rope` a 1-D
+    rotary embedding by memory slot, applied to the stored keys at attention time."""
 
-    def __init__(self, config: DreamConfig):
+    def __init__(self, config: DreamConfig, decoder_config: LlamaConfig):
         super().__init__()
+        self.rotary = LlamaRotaryEmbedding(decoder_config) if config.cross_attention_rope else None
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -226,9 +228,18 @@ class DreamCrossAttention(nn.Module):
         values = self.v_proj(features).view(batch, length, -1, self.head_dim).transpose(1, 2)
         return keys, values
 
-    def forward(self, hidden_states, keys, values, allowed) -> torch.Tensor:
+    def _rotate(self, states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+        """`states (batch, heads, n, head_dim)` rotated to `positions (batch, n)`."""
+        cos, sin = self.rotary(states, positions.expand(states.shape[0], -1))
+        return states * cos[:, None] + rotate_half(states) * sin[:, None]
+
+    def forward(self, hidden_states, keys, values, allowed, query_positions=None, key_positions=None) -> torch.Tensor:
+        """`allowed (batch, 1, queries, keys)`; with a rotary embedding, `query_positions (batch, queries)` and
+        `key_positions (batch or 1, keys)` are the memory slots they score by (ignored without)."""
         batch, length, _ = hidden_states.shape
         queries = self.q_norm(self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        if self.rotary is not None:
+            queries, keys = self._rotate(queries, query_positions), self._rotate(keys, key_positions)
         # A zero "null" slot that every query may attend to: the first positions have no earlier
         # feature to look at, and a fully masked softmax row would be NaN.
         null = keys.new_zeros(batch, keys.shape[1], 1, self.head_dim)
@@ -247,14 +258,14 @@ class DreamCrossAttentionBlock(nn.Module):
     def __init__(self, config: DreamConfig, decoder_config: LlamaConfig):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.cross_attn = DreamCrossAttention(config)
+        self.cross_attn = DreamCrossAttention(config, decoder_config)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(decoder_config)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden_states, keys, values, allowed) -> torch.Tensor:
-        attended = self.cross_attn(self.input_layernorm(hidden_states), keys, values, allowed)
+    def forward(self, hidden_states, keys, values, allowed, query_positions=None, key_positions=None) -> torch.Tensor:
+        attended = self.cross_attn(self.input_layernorm(hidden_states), keys, values, allowed, query_positions, key_positions)
         hidden_states = hidden_states + self.attn_gate.tanh() * attended
         return hidden_states + self.mlp_gate.tanh() * self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -526,8 +537,9 @@ class DreamDraftModel(DreamPreTrainedModel):
         hidden_states = self.initial_block(hidden_states, **block_kwargs)
         first_block_hidden = hidden_states
         if self.cross_block is not None:
-            allowed = torch.arange(len(memory), device=position_ids.device) < position_ids[..., None]
-            hidden_states = self.cross_block(hidden_states, memory.keys, memory.values, allowed[:, None])
+            slots = torch.arange(len(memory), device=position_ids.device)
+            allowed = slots < position_ids[..., None]
+            hidden_states = self.cross_block(hidden_states, memory.keys, memory.values, allowed[:, None], position_ids, slots[None])
         else:
             hidden_states = self.middle_block(hidden_states, **block_kwargs)
         hidden_states = self.final_block(hidden_states, **block_kwargs)
@@ -590,12 +602,15 @@ class DreamDraftModel(DreamPreTrainedModel):
             hidden_states = self.initial_block(hidden_states, **block_kwargs)
             first_block_hidden = hidden_states
             if self.cross_block is not None:
-                target_allowed = torch.arange(len(memory), device=device) < (position_ids - (step - 1))[..., None]
+                slots = torch.arange(len(memory), device=device)
+                target_allowed = slots < (position_ids - (step - 1))[..., None]
                 own_allowed = [(index[None, :] == (start + depth - 1)[:, None])[None].expand(batch, -1, -1) for depth in range(1, step)]
                 keys = torch.cat([memory.keys] + [k for k, _ in own_memory], dim=2)
                 values = torch.cat([memory.values] + [v for _, v in own_memory], dim=2)
                 allowed = torch.cat([target_allowed, *own_allowed], dim=-1)
-                hidden_states = self.cross_block(hidden_states, keys, values, allowed[:, None])
+                # the drafter's own feature at index i sits, in decoding's memory, in the slot of i's position
+                key_positions = torch.cat([slots[None].expand(batch, -1), *[position_ids] * (step - 1)], dim=-1)
+                hidden_states = self.cross_block(hidden_states, keys, values, allowed[:, None], position_ids, key_positions)
             else:
                 hidden_states = self.middle_block(hidden_states, **block_kwargs)
             hidden_states = self.final_block(hidden_states, **block_kwargs)

@@ -202,11 +202,12 @@ def decoding_chain(drafter, embeds, positions, features, start, steps):
     return logits
 
 
-@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat"])
 @pytest.mark.parametrize("pruned", [False, True], ids=["all-tokens", "visual-tokens-pruned"])
 def test_unrolled_training_forward_drafts_what_decoding_drafts_at_every_depth(fusion, pruned):
     target = cached_target("idefics3")
-    drafter = trained_looking(DreamDraftModel.from_target(target, fusion=fusion)).float()
+    options = {"fusion": "cross_attention", "cross_attention_rope": True} if fusion == "cross_attention_rope" else {"fusion": fusion}
+    drafter = trained_looking(DreamDraftModel.from_target(target, **options)).float()
     embeds, features, positions = random_inputs(drafter, length=16, seed=3)
     if pruned:  # positions 3..5 were visual tokens the drafter does not see: the kept tokens keep their positions
         positions = torch.tensor([[0, 1, 2, *range(6, 19)]])
@@ -224,6 +225,36 @@ def test_unrolled_training_forward_drafts_what_decoding_drafts_at_every_depth(fu
     assert not mask[0, :2].any() and mask[0, 2 + 4 * pruned :].all()
     if pruned:
         assert mask[0, 2] and not mask[0, 3:5].any()  # indices 3, 4 (positions 6, 7) start chains at index 1, 2 across the gap
+
+
+def test_cross_attention_rope_scores_features_by_their_offset(tmp_path):
+    # the same features in other slots: without rope the cross-attention cannot tell (content only), with it it can;
+    # a shift of every query and slot by the same amount changes nothing (scores depend on the offset alone)
+    target = cached_target("llava")
+    outputs = {}
+    for rope in (False, True):
+        torch.manual_seed(0)
+        drafter = trained_looking(DreamDraftModel.from_target(target, cross_attention_rope=rope)).float()
+        attention = drafter.cross_block.cross_attn
+        generator = torch.Generator().manual_seed(1)
+        queries = torch.randn(1, 1, drafter.config.hidden_size, generator=generator)
+        keys, values = attention.project_memory(torch.randn(1, 6, drafter.config.hidden_size, generator=generator))
+        allowed = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+        order = torch.tensor([5, 4, 3, 2, 1, 0])
+
+        def attend(query_at, slots, keys=keys, values=values, attention=attention, queries=queries, allowed=allowed):
+            return attention(queries, keys, values, allowed, torch.tensor([[query_at]]), slots[None])
+
+        base = attend(6, torch.arange(6))
+        reordered = attend(6, torch.arange(6), keys[:, :, order], values[:, :, order])
+        shifted = attend(106, torch.arange(100, 106))
+        assert torch.allclose(shifted, base, atol=1e-5)
+        outputs[rope] = torch.allclose(reordered, base, atol=1e-5)
+    assert outputs == {False: True, True: False}
+    drafter.save_pretrained(tmp_path)
+    assert DreamDraftModel.from_pretrained(tmp_path).config.cross_attention_rope is True
+    with pytest.raises(ValueError, match="cross_attention_rope"):
+        DreamDraftModel.from_target(target, fusion="concat", cross_attention_rope=True)
 
 
 def test_an_eagle3_style_drafter_reads_and_fuses_exactly_its_target_layers():

@@ -35,6 +35,11 @@ class DreamScriptArguments:
         default=None, metadata={"help": "Start from this saved drafter (folder or Hub id) instead of a fresh one."}
     )
     fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM) or 'concat' (EAGLE-style)."})
+    cross_attention_rope: bool = field(
+        default=False,
+        metadata={"help": "Fresh cross-attention drafter: a rotary embedding by memory slot on its cross-attention (scores "
+                  "depend on the offset to each feature; DREAM's code uses none)."},
+    )
     visual_keep_ratio: float = field(default=0.75, metadata={"help": "Fresh drafter: fraction of visual tokens it sees."})
     num_draft_tokens: int = field(default=5, metadata={"help": "Fresh drafter: tokens drafted per round in its default decoding options while this run uses it (not saved with the drafter: pass `num_draft_tokens=` per generate() call)."})
     draft_vocab_size: int | None = field(
@@ -150,6 +155,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         drafter = DreamDraftModel.from_target(
             target,
             fusion=script_args.fusion,
+            **({"cross_attention_rope": True} if script_args.cross_attention_rope else {}),
             visual_keep_ratio=script_args.visual_keep_ratio,
             num_draft_tokens=script_args.num_draft_tokens,
             draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary

@@ -204,16 +204,24 @@ def test_greedy_output_is_plain_greedy_output(mode, family, image_first):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fusion", ["cross_attention", "concat", "eagle3"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat", "eagle3"])
 def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fusion):
     """A real (random) drafter: mostly rejected drafts, its own features in trees, still exact. "eagle3": the
-    EAGLE-3-style drafter (concat fusion over several target layers, which decoding must read from the target)."""
+    EAGLE-3-style drafter (concat fusion over several target layers, which decoding must read from the target);
+    the cross-attention gates are opened so that the features (and their slots, with rope) matter."""
     target = cached_target(family)
     inputs, rows = case(mode, target)
     greedy = dict(max_new_tokens=20, do_sample=False)
     torch.manual_seed(0)
-    options = {"fusion": "concat", "feature_layers": "eagle3"} if fusion == "eagle3" else {"fusion": fusion}
+    options = {
+        "eagle3": {"fusion": "concat", "feature_layers": "eagle3"},
+        "cross_attention_rope": {"fusion": "cross_attention", "cross_attention_rope": True},
+    }.get(fusion, {"fusion": fusion})
     drafter = DreamDraftModel.from_target(target, **options)
+    if drafter.cross_block is not None:
+        with torch.no_grad():
+            drafter.cross_block.attn_gate.fill_(0.7)
+            drafter.cross_block.mlp_gate.fill_(0.5)
     output = run(mode, target, inputs, drafter, **greedy)
     assert torch.equal(output, target.generate(**inputs, **greedy))
     check_mode_stats(mode, drafter.last_stats, inputs, output, target, rows, **greedy)

@@ -52,7 +52,8 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DreamTrainer, "evaluate", counting_evaluate)
-    assert main(["train", "--config", str(config), "--eval_strategy", "steps", "--eval_steps", "2"]) == 0
+    assert main(["train", "--config", str(config), "--eval_strategy", "steps", "--eval_steps", "2", "--cross_attention_rope", "true"]) == 0
+    assert DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter").config.cross_attention_rope is True
     assert main(["train", "--config", str(config), "--eval_strategy", "steps", "--eval_steps", "3"]) == 0
     assert steps_evaluated == [2, 4, 3, 4]
     # the EAGLE-3 baseline: concat fusion over several target layers, trained with training-time test; it saves and loads

@@ -456,7 +456,7 @@ def _load_drafters(specs: list[str], target, dtype) -> dict:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         drafter = DreamDraftModel.from_pretrained(path).to(device=target.device, dtype=dtype or target.dtype)
         drafter.attach_target(target)
-        name = name or ("dream" if drafter.config.fusion == "cross_attention" else "eagle")
+        name = name or ("eagle" if drafter.config.fusion == "concat" else "dream")
         if name in drafters:
             raise SystemExit(f"hf-dream bench: two drafters named {name!r}; use NAME=PATH")
         drafters[name] = drafter.eval()

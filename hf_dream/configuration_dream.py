@@ -7,7 +7,8 @@ import warnings
 
 from transformers import PreTrainedConfig
 
-FUSION_MODES = ("cross_attention", "concat")
+FUSION_MODES = ("cross_attention", "concat", "cross_attention_concat")
+CROSS_ATTENTION_FUSIONS = ("cross_attention", "cross_attention_concat")
 DRAFT_SCHEDULES = ("constant", "heuristic", "auto")
 # The fields of `hf_dream.generation.options.DreamDecodingOptions` (this module imports no other hf_dream
 # module: it is exported as-is for `trust_remote_code` users), which earlier releases saved in config.json.
@@ -49,7 +50,10 @@ class DreamConfig(PreTrainedConfig):
             -> final decoder block. `"concat"` is the EAGLE-style baseline: the token embedding
             and the target feature of the previous position are concatenated and projected, then
             go through the decoder blocks (same number of blocks, for a fair comparison).
-        cross_attention_rope (`bool`, defaults to `False`): With `fusion="cross_attention"`: a rotary embedding
+            `"cross_attention_concat"` is both: DREAM's three blocks with the cross-attention, whose initial
+            block takes EAGLE's input (the projected [token embedding; previous target feature]) instead of the
+            embedding alone, so the newest feature is given and the cross-attention reads the rest of the context.
+        cross_attention_rope (`bool`, defaults to `False`): With a cross-attention fusion: a rotary embedding
             on the cross-attention's queries and keys by memory slot (the query at position p, the feature of
             slot j), so their score depends on the offset p - j and the drafter can find the newest verified
             feature by position, not only by content. DREAM's code uses no position there (`False`).
@@ -132,8 +136,8 @@ class DreamConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
-        if self.cross_attention_rope and self.fusion != "cross_attention":
-            raise ValueError(f"`cross_attention_rope` needs fusion='cross_attention', got fusion={self.fusion!r}.")
+        if self.cross_attention_rope and self.fusion not in CROSS_ATTENTION_FUSIONS:
+            raise ValueError(f"`cross_attention_rope` needs a cross-attention fusion {CROSS_ATTENTION_FUSIONS}, got fusion={self.fusion!r}.")
         if not 0.0 < self.visual_keep_ratio <= 1.0:
             raise ValueError(f"`visual_keep_ratio` must be in (0, 1], got {self.visual_keep_ratio}.")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:

@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, rotate_half
 from transformers.utils import ModelOutput
 
-from .configuration_dream import DECODING_OPTION_NAMES, DreamConfig
+from .configuration_dream import CROSS_ATTENTION_FUSIONS, DECODING_OPTION_NAMES, DreamConfig
 from .targets import TargetAdapter, get_target_adapter, position_ids_for_model
 
 
@@ -331,7 +331,8 @@ class DreamDraftModel(DreamPreTrainedModel):
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)
-        is_cross = config.fusion == "cross_attention"
+        is_cross = config.fusion in CROSS_ATTENTION_FUSIONS
+        takes_previous_feature = config.fusion != "cross_attention"  # EAGLE's input: [embedding; previous feature]
         # Two self-attention blocks with a KV cache (cross) or three (concat: the cross-attention
         # block is replaced by a decoder block so both variants have the same depth).
         num_cached = 2 if is_cross else 3
@@ -340,7 +341,7 @@ class DreamDraftModel(DreamPreTrainedModel):
             self.rotary_emb = LlamaRotaryEmbedding(self.decoder_config)
         else:
             self.rotary_emb = DreamMultimodalRotaryEmbedding(self.decoder_config, config.mrope_section, config.mrope_interleaved)
-        self.fusion_proj = None if is_cross else nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.fusion_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) if takes_previous_feature else None
         # EAGLE-3-style inputs: several target layers, concatenated, fused to one feature before they enter the memory
         layers = config.feature_layers
         self.feature_fusion = None if layers is None else nn.Linear(len(layers) * config.hidden_size, config.hidden_size, bias=False)

@@ -32,7 +32,7 @@ def trained_looking(drafter):
     return drafter
 
 
-@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat", "cross_attention_concat"])
 def test_from_target_sizes_and_record(family, fusion):
     target = cached_target(family)
     drafter = DreamDraftModel.from_target(target, fusion=fusion)
@@ -42,7 +42,8 @@ def test_from_target_sizes_and_record(family, fusion):
     assert config.target_model_type == target.config.model_type
     assert config.target_num_hidden_layers == text.num_hidden_layers
     assert config.entropy_candidate_layers and max(config.entropy_candidate_layers) < text.num_hidden_layers
-    assert (drafter.cross_block is not None) == (fusion == "cross_attention")
+    assert (drafter.cross_block is not None) == (fusion != "concat") and (drafter.middle_block is None) == (fusion != "concat")
+    assert (drafter.fusion_proj is not None) == (fusion != "cross_attention")  # EAGLE's input: [embedding; previous feature]
     # no target parameter is registered inside the drafter
     target_params = {id(p) for p in target.parameters()}
     assert not any(id(p) in target_params for p in drafter.parameters())
@@ -202,7 +203,7 @@ def decoding_chain(drafter, embeds, positions, features, start, steps):
     return logits
 
 
-@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat", "cross_attention_concat"])
 @pytest.mark.parametrize("pruned", [False, True], ids=["all-tokens", "visual-tokens-pruned"])
 def test_unrolled_training_forward_drafts_what_decoding_drafts_at_every_depth(fusion, pruned):
     target = cached_target("idefics3")

@@ -85,6 +85,12 @@ def _architecture(config: DreamConfig, parameters: int) -> dict:
             "initial decoder block (no input norm) -> gated cross-attention block over the target's last-layer "
             "features -> final decoder block -> RMSNorm -> the target's lm_head"
         )
+    elif config.fusion == "cross_attention_concat":
+        blocks = (
+            "projection of [token embedding; previous target feature] -> initial decoder block -> gated "
+            "cross-attention block over the target's last-layer features -> final decoder block -> RMSNorm -> the "
+            "target's lm_head (DREAM with EAGLE's input)"
+        )
     else:
         blocks = (
             "projection of [token embedding; previous target feature] -> 3 decoder blocks -> RMSNorm -> the "

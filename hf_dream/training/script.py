@@ -34,7 +34,7 @@ class DreamScriptArguments:
     drafter: str | None = field(
         default=None, metadata={"help": "Start from this saved drafter (folder or Hub id) instead of a fresh one."}
     )
-    fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM) or 'concat' (EAGLE-style)."})
+    fusion: str = field(default="cross_attention", metadata={"help": "Fresh drafter: 'cross_attention' (DREAM), 'concat' (EAGLE-style) or 'cross_attention_concat' (DREAM's blocks with EAGLE's input)."})
     cross_attention_rope: bool = field(
         default=False,
         metadata={"help": "Fresh cross-attention drafter: a rotary embedding by memory slot on its cross-attention (scores "

@@ -204,7 +204,7 @@ def test_greedy_output_is_plain_greedy_output(mode, family, image_first):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat", "eagle3"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "cross_attention_rope", "concat", "cross_attention_concat", "eagle3"])
 def test_untrained_drafter_greedy_output_is_plain_greedy_output(mode, family, fusion):
     """A real (random) drafter: mostly rejected drafts, its own features in trees, still exact. "eagle3": the
     EAGLE-3-style drafter (concat fusion over several target layers, which decoding must read from the target);

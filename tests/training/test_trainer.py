@@ -118,7 +118,9 @@ def test_ablation_switches(tmp_path, mid_supervision):
         assert drafter.config.static_feature_layer == 1  # round(0.5 * 2 layers)
 
 
-@pytest.mark.parametrize("fusion,mid_supervision", [("cross_attention", "entropy"), ("cross_attention", "static"), ("concat", "none")])
+@pytest.mark.parametrize(
+    "fusion,mid_supervision", [("cross_attention", "entropy"), ("cross_attention", "static"), ("concat", "none"), ("cross_attention_concat", "entropy")]
+)
 def test_every_trainable_parameter_gets_a_gradient(tmp_path, fusion, mid_supervision):
     # what makes `ddp_find_unused_parameters=False` (our default) safe under DDP
     target = cached_target(FAMILY)

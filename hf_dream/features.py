@@ -173,6 +173,8 @@ class TeacherSignals:
         keep: Positions the drafter sees after visual-token compression, `(b, n)`.
         feature_inputs: With `feature_layers`: those hidden states concatenated, `(b, n, k * H)`, the input of
             an EAGLE-3-style drafter's feature fusion; `None` otherwise (the drafter reads `features`).
+        importance: With `read_teacher(with_importance=True)`: the attention each position receives in the last
+            layer, the visual-token ranking, `(b, n)`; `None` otherwise.
     """
 
     input_embeds: torch.Tensor
@@ -182,6 +184,7 @@ class TeacherSignals:
     mid_layers: torch.Tensor | None
     keep: torch.Tensor
     feature_inputs: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
 
 
 def select_layers_by_entropy(entropies: torch.Tensor, candidate_layers: list[int]) -> torch.Tensor:
@@ -194,6 +197,10 @@ def select_layers_by_entropy(entropies: torch.Tensor, candidate_layers: list[int
     return torch.as_tensor(candidate_layers, device=entropies.device)[index]
 
 
+BATCH_METADATA = ("prompt_lengths", "sequence_lengths", "row_key")
+"""Keys of a training batch that are not target inputs (`DreamDataCollator` adds them)."""
+
+
 def read_teacher(
     adapter,
     inputs: dict,
@@ -201,6 +208,7 @@ def read_teacher(
     static_layer: int | None = None,
     keep_ratio: float = 1.0,
     feature_layers: list[int] | None = None,
+    with_importance: bool = False,
 ) -> TeacherSignals:
     """One teacher-forced pass of the target (`adapter.model`) on `inputs`, without gradients.
 
@@ -208,15 +216,17 @@ def read_teacher(
     has the lowest entropy at that token (DREAM); with `static_layer`, by that fixed layer
     (ablation); with neither, there is no intermediate supervision. Visual tokens are ranked by
     the attention they receive in the last layer, as at inference. With `feature_layers` (an EAGLE-3-style
-    drafter's), `feature_inputs` holds those hidden states concatenated.
+    drafter's), `feature_inputs` holds those hidden states concatenated. With `with_importance`, `importance`
+    holds that ranking's scores whatever `keep_ratio` (what `TeacherCache` stores to choose the kept tokens later).
     """
     model, layers = adapter.model, adapter.decoder_layers
     last = adapter.num_hidden_layers
     candidates = list(candidate_layers or [])
     image_mask = adapter.image_token_mask(inputs["input_ids"])
     compress = keep_ratio < 1.0 and bool(image_mask.any())
-    recorded = candidates + ([last - 1] if compress else [])
-    model_inputs = {k: v for k, v in inputs.items() if k not in ("prompt_lengths", "sequence_lengths")}
+    rank_visual = (compress or with_importance) and bool(image_mask.any())
+    recorded = candidates + ([last - 1] if rank_visual else [])
+    model_inputs = {k: v for k, v in inputs.items() if k not in BATCH_METADATA}
     with torch.no_grad(), recording_attention_inputs(layers, sorted(set(recorded))) as recorder:
         # All layers (not a list of indices): with pixel_values the flag also reaches the vision
         # tower, which needs its own penultimate layer.
@@ -233,12 +243,13 @@ def read_teacher(
         elif static_layer is not None:
             mid_features = hidden[static_layer]
             selected = torch.full(image_mask.shape, static_layer, device=image_mask.device)
-        keep = torch.ones_like(image_mask)
-        if compress:
+        keep, importance = torch.ones_like(image_mask), None
+        if rank_visual:
             importance = attention_received(layers[last - 1].self_attn, *recorder.inputs[last - 1], query_mask=query_mask)
+        if compress:
             keep = select_visual_tokens(importance, image_mask, keep_ratio)
     feature_inputs = None if feature_layers is None else torch.cat([hidden[layer] for layer in feature_layers], dim=-1)
     return TeacherSignals(
         input_embeds=hidden[0], features=hidden[last], logits=out.logits, mid_features=mid_features, mid_layers=selected, keep=keep,
-        feature_inputs=feature_inputs,
+        feature_inputs=feature_inputs, importance=importance if with_importance else None,
     )

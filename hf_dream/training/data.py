@@ -84,8 +84,9 @@ def _pad_sequence(tensor: torch.Tensor, length: int, side: str, value: int) -> t
     return torch.nn.functional.pad(tensor, (missing, 0) if side == "left" else (0, missing), value=value)
 
 
-ROW_METADATA = ("prompt_length", "source_index", "length")
-"""Columns of a prepared row that are not target inputs (`length`: added by `DreamTrainer` for length-grouped batches)."""
+ROW_METADATA = ("prompt_length", "source_index", "length", "row_key")
+"""Columns of a prepared row that are not target inputs (added by `DreamTrainer`: `length`, for length-grouped
+batches, and `row_key`, the row's digest, when the teacher signals come from a `TeacherCache`)."""
 
 
 def with_lengths(dataset):
@@ -98,7 +99,7 @@ def with_lengths(dataset):
 
 class DreamDataCollator:
     """Collates prepared rows into a training batch: right-padded target inputs plus
-    `prompt_lengths` and `sequence_lengths` (for the response mask)."""
+    `prompt_lengths` and `sequence_lengths` (for the response mask), and `row_key` where rows have one."""
 
     def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
@@ -109,6 +110,8 @@ class DreamDataCollator:
         batch = collate_model_inputs(samples, "right", self.pad_token_id)
         batch["prompt_lengths"] = torch.tensor([int(row["prompt_length"]) for row in rows])
         batch["sequence_lengths"] = torch.tensor([len(row["input_ids"]) for row in rows])
+        if "row_key" in rows[0]:
+            batch["row_key"] = torch.tensor([int(row["row_key"]) for row in rows])
         return batch
 
 

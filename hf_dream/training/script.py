@@ -155,7 +155,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         drafter = DreamDraftModel.from_target(
             target,
             fusion=script_args.fusion,
-            **({"cross_attention_rope": True} if script_args.cross_attention_rope else {}),
+            cross_attention_rope=script_args.cross_attention_rope,
             visual_keep_ratio=script_args.visual_keep_ratio,
             num_draft_tokens=script_args.num_draft_tokens,
             draft_vocab_size=script_args.draft_vocab_size or None,  # 0 overrides a config file's value: full vocabulary

@@ -16,8 +16,9 @@ from transformers import Trainer, TrainingArguments
 from ..features import read_teacher
 from ..modeling_dream import DreamDraftModel
 from ..targets import token_type_keys
-from .data import ROW_METADATA, DreamDataCollator, response_mask, with_lengths
+from .data import ROW_METADATA, DreamDataCollator, response_mask, target_identity, with_lengths
 from .losses import dream_losses, top1_agreement
+from .teacher_cache import TeacherCache, TeacherCacheSettings, with_row_keys
 
 MID_SUPERVISION = ("entropy", "static", "none")
 LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")  # Trainer sampling strategies that read row lengths
@@ -60,6 +61,15 @@ class DreamTrainingArguments(TrainingArguments):
     )
     ttt_decay: float = field(
         default=0.8, metadata={"help": "With ttt_steps > 1: depth j's loss is weighted ttt_decay**(j - 1) (normalised to sum 1)."}
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of stored teacher signals (`TeacherCache`): the target runs once per row (when training "
+            "starts, for the rows not stored yet) instead of once per step, and later trainings with the same target "
+            "and supervision layers reuse them, whatever their keep ratio, noise or fusion. Needs disk: about "
+            "3 x hidden size x 2 bytes per token. None (default): the target runs every step."
+        },
     )
     acceptance_eval_samples: int = field(
         default=4, metadata={"help": "Eval prompts on which evaluate() measures the real acceptance length via generate()."}
@@ -118,8 +128,9 @@ class DreamTrainer(Trainer):
     """Trains `model` (a [`DreamDraftModel`]) to draft for `teacher` (the target VLM).
 
     The teacher is frozen, prepared by the accelerator for evaluation (no gradients, no optimiser
-    state) and run once per batch, teacher-forced on the prepared sequences, to produce the
-    supervision (features, logits, entropy-selected intermediate states, visual-token ranking).
+    state) and run teacher-forced on the prepared sequences to produce the supervision (features,
+    logits, entropy-selected intermediate states, visual-token ranking): once per batch, or, with
+    `args.teacher_cache_dir`, once per row when training starts ([`TeacherCache`]).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
@@ -132,17 +143,59 @@ class DreamTrainer(Trainer):
         teacher.eval().requires_grad_(False)
         model.attach_target(teacher)
         pad = teacher.generation_config.pad_token_id
+        columns = []
         if args.train_sampling_strategy in LENGTH_STRATEGIES:  # rows of similar length together: less padding per batch
+            columns.append(with_lengths)
+        if args.teacher_cache_dir:  # rows addressed by content in the cache
+            columns.append(lambda dataset: with_row_keys(dataset, progress=not args.disable_tqdm))
+        for add_column in columns:
             for key in ("train_dataset", "eval_dataset"):
                 if isinstance(kwargs.get(key), dict):
-                    kwargs[key] = {name: with_lengths(split) for name, split in kwargs[key].items()}
+                    kwargs[key] = {name: add_column(split) for name, split in kwargs[key].items()}
                 elif kwargs.get(key) is not None:
-                    kwargs[key] = with_lengths(kwargs[key])
+                    kwargs[key] = add_column(kwargs[key])
         super().__init__(model=model, args=args, data_collator=data_collator or DreamDataCollator(pad or 0), **kwargs)
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.adapter = model.target_adapter
         self._configure_supervision(model)
         self._metrics: dict[str, list[float]] = {}
+        self.teacher_cache = self._fill_teacher_cache(model, pad or 0) if args.teacher_cache_dir else None
+
+    def _fill_teacher_cache(self, model: DreamDraftModel, pad_token_id: int) -> TeacherCache:
+        args = self.args
+        autocast = "bfloat16" if args.bf16 else "float16" if args.fp16 else None
+        settings = TeacherCacheSettings(
+            target=target_identity(self.adapter.model),
+            candidate_layers=None if self.candidate_layers is None else tuple(self.candidate_layers),
+            static_layer=self.static_layer,
+            feature_layers=None if model.config.feature_layers is None else tuple(model.config.feature_layers),
+            autocast_dtype=autocast,
+            storage_dtype=autocast or "float32",  # what the drafter computes in: bf16 training casts its inputs anyway
+        )
+        cache = TeacherCache(args.teacher_cache_dir, settings)
+        eval_sets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for dataset in [self.train_dataset, *eval_sets]:
+            if dataset is None:
+                continue
+            # every process lists the missing rows before any writes: they share out the same shards
+            missing = len(cache.missing(dataset))
+            self.accelerator.wait_for_everyone()
+            if missing and args.process_index == 0:
+                print(f"[hf-dream] teacher signals: {missing:,} of {len(dataset):,} rows to compute into {cache.directory}")
+            cache.fill(
+                self.adapter,
+                dataset,
+                batch_size=args.per_device_eval_batch_size,
+                process_index=args.process_index,
+                num_processes=args.world_size,
+                progress=not args.disable_tqdm,
+                pad_token_id=pad_token_id,
+            )
+            self.accelerator.wait_for_everyone()
+            cache.refresh()
+            if cache.missing(dataset):
+                raise RuntimeError(f"{len(cache.missing(dataset))} rows are still missing from the teacher cache {cache.directory}.")
+        return cache
 
     def _configure_supervision(self, model: DreamDraftModel) -> None:
         args, config = self.args, model.config
@@ -156,14 +209,17 @@ class DreamTrainer(Trainer):
     # --- loss ------------------------------------------------------------------------------
     def _batch_outputs(self, model, inputs):
         config = self.accelerator.unwrap_model(model).config
-        teacher = read_teacher(
-            self.adapter,
-            inputs,
-            candidate_layers=self.candidate_layers,
-            static_layer=self.static_layer,
-            keep_ratio=config.visual_keep_ratio,
-            feature_layers=config.feature_layers,
-        )
+        if self.teacher_cache is not None:
+            teacher = self.teacher_cache.signals(inputs, self.adapter, config.visual_keep_ratio)
+        else:
+            teacher = read_teacher(
+                self.adapter,
+                inputs,
+                candidate_layers=self.candidate_layers,
+                static_layer=self.static_layer,
+                keep_ratio=config.visual_keep_ratio,
+                feature_layers=config.feature_layers,
+            )
         positions, slot_mask = gather_positions(teacher.keep, inputs["attention_mask"])
         # what the drafter reads: the last layer, or (EAGLE-3-style) several layers its forward fuses
         features = teacher.features if teacher.feature_inputs is None else teacher.feature_inputs

@@ -32,11 +32,14 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import now_iso
 from .instructions import instruction_for
 from .scenes import TRAIN, SeedSplit, scene_from_seed
+
+if TYPE_CHECKING:
+    from ..training.data import DataRanks
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Training-split scene seeds from here on: below the vision training's probe (5,000,000), caption (7,000,000) and
@@ -130,14 +133,18 @@ def _check_matches_plan(examples: list[dict[str, Any]], plan: list[DrafterPrompt
             raise ValueError(f"{path} holds example {example['index']} of another prompt plan: it cannot seed this run")
 
 
-def import_committed(examples: list[dict[str, Any]], plan: list[DrafterPrompt], encode, shard_dir: Path, shard_size: int) -> int:
+def import_committed(
+    examples: list[dict[str, Any]], plan: list[DrafterPrompt], encode, shard_dir: Path, shard_size: int, ranks: DataRanks | None = None
+) -> int:
     """Write the committed examples' complete shards that `shard_dir` lacks (encoding prompts, no generation);
-    returns how many shards were written."""
-    from ..training.data import response_row, write_shard
+    returns how many shards were written. With several `ranks`, this process writes every `world_size`-th shard
+    (the caller waits for all before anything reads them)."""
+    from ..training.data import DataRanks, response_row, write_shard
 
+    ranks = ranks or DataRanks()
     by_index = {example["index"]: example for example in examples}
     written = 0
-    for shard in range(len(plan) // shard_size + 1):
+    for shard in range(ranks.rank, len(plan) // shard_size + 1, ranks.world_size):
         indices = range(shard * shard_size, min(len(plan), (shard + 1) * shard_size))
         if not indices or not all(i in by_index for i in indices) or (shard_dir / f"{shard:05d}").exists():
             continue
@@ -220,7 +227,7 @@ def make_drafter_data(
     rewritten after every regenerated shard. Returns the dataset.
     """
     from ..loading import make_encoder
-    from ..training.data import eos_token_ids, prepare_dataset, target_identity
+    from ..training.data import DataRanks, eos_token_ids, prepare_dataset, target_identity
 
     output_dir = Path(output_dir)
     data_file = Path(data_file) if data_file is not None else data_path(name)
@@ -265,7 +272,9 @@ def make_drafter_data(
             )
         _check_matches_plan(examples, plan, data_file)
         committed = len(examples)
-        written = import_committed(examples, plan, encode, shard_dir, shard_size)
+        ranks = DataRanks.from_environment()
+        written = import_committed(examples, plan, encode, shard_dir, shard_size, ranks)
+        ranks.wait()  # every rank sees every imported shard before regeneration plans the rest
         if written:
             log(f"[{name}] {written} shard(s) rebuilt from {data_file} (no generation)")
     eos = eos_token_ids(model)

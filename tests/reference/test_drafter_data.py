@@ -89,6 +89,29 @@ def test_a_longer_plan_regenerates_only_the_new_shards_and_the_file_grows_after_
     assert len(drafter_data.read_responses(tmp_path / "data.jsonl.gz")[0]) == 8
 
 
+def test_ranks_import_disjoint_committed_shards_whose_union_is_the_single_process_import(tmp_path):
+    # under torchrun every rank imports the committed file: each must write its own shards (two writing one shard race)
+    from hf_dream.training.data import DataRanks
+
+    make(cached_target("idefics3"), tmp_path, num=6)
+    examples, _ = drafter_data.read_responses(tmp_path / "data.jsonl.gz")
+    plan = drafter_data.prompt_plan(6, vqa_prompt)
+
+    def encode(example):
+        return {"input_ids": torch.tensor([[7, example["index"]]])}
+
+    def shards(folder):
+        return sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+        drafter_data.import_committed(examples, plan, encode, tmp_path / f"rank{rank}", 2, DataRanks(rank, 2))
+    (tmp_path / "single").mkdir()
+    assert drafter_data.import_committed(examples, plan, encode, tmp_path / "single", 2) == 3
+    assert shards(tmp_path / "rank0") == ["00000", "00002"] and shards(tmp_path / "rank1") == ["00001"]
+    assert sorted(shards(tmp_path / "rank0") + shards(tmp_path / "rank1")) == shards(tmp_path / "single")
+
+
 def test_another_build_or_other_settings_cannot_seed_a_run(tmp_path):
     make(cached_target("idefics3"), tmp_path, num=2)
     with pytest.raises(ValueError, match=r"another target build or with other settings.*target_identity"):

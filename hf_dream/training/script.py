@@ -61,6 +61,13 @@ class DreamScriptArguments:
         default=None,
         metadata={"help": "Fresh drafter: MLP width of its blocks (default: the target's). Smaller keeps the drafter's file small."},
     )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop when the held-out loss has not improved for N evaluations in a row and keep the best "
+                  "checkpoint's weights (transformers' EarlyStoppingCallback with load_best_model_at_end): the number of "
+                  "steps is read off the curve, --max_steps is only a ceiling. Needs evaluation and saving at the same "
+                  "steps. 0 (default): off."},
+    )
     target_dtype: str | None = field(default=None, metadata={"help": "Load the target in this dtype (e.g. bfloat16)."})
     save_drafter_to: str | None = field(
         default=None, metadata={"help": "Where to save the trained drafter (default: <output_dir>/drafter)."}
@@ -140,6 +147,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
     eval_dataset = load_prepared(script_args.eval_dataset) if script_args.eval_dataset else None
     if script_args.drafter:
         check_drafter_source(script_args.drafter)
+    callbacks = _early_stopping(script_args, training_args, has_eval=eval_dataset is not None or script_args.eval_size > 0)
     target, _ = load_target(script_args.target, dtype=script_args.target_dtype)
     for option, path in (("--dataset", script_args.dataset), ("--eval_dataset", script_args.eval_dataset)):
         if path:
@@ -170,7 +178,7 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
             drafter.set_draft_vocab(most_frequent_tokens(train_dataset, script_args.draft_vocab_size, always=eos))
     drafter = drafter.float()  # master weights in fp32; use --bf16 for mixed precision
     trainer = DreamTrainer(
-        model=drafter, teacher=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
+        model=drafter, teacher=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks
     )
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
@@ -186,6 +194,31 @@ def run_training(script_args: DreamScriptArguments, training_args: DreamTraining
         # uploaded (hf-dream push refuses pickles); the run's checkpoints keep their own copy
         (Path(destination) / "training_args.bin").unlink(missing_ok=True)
     return drafter
+
+
+def _early_stopping(script_args: DreamScriptArguments, training_args: DreamTrainingArguments, has_eval: bool) -> list:
+    """The callbacks of `--early_stopping_patience` (none when 0), checked before anything is loaded; sets the
+    arguments it needs (best checkpoint kept and loaded at the end, by held-out loss unless another metric is set)."""
+    patience = script_args.early_stopping_patience
+    if patience <= 0:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    if not has_eval:
+        raise ValueError("--early_stopping_patience needs held-out rows: pass --eval_size N or --eval_dataset.")
+    if training_args.eval_strategy != training_args.save_strategy or (
+        training_args.eval_strategy == "steps" and training_args.save_steps % training_args.eval_steps
+    ):
+        raise ValueError(
+            "--early_stopping_patience keeps the best checkpoint, so saving must follow evaluation: set --save_strategy "
+            f"to --eval_strategy ({training_args.eval_strategy}) and --save_steps to a multiple of --eval_steps "
+            f"(got {training_args.save_strategy}, save_steps {training_args.save_steps}, eval_steps {training_args.eval_steps})."
+        )
+    training_args.load_best_model_at_end = True
+    training_args.metric_for_best_model = training_args.metric_for_best_model or "eval_loss"
+    if training_args.greater_is_better is None:
+        training_args.greater_is_better = training_args.metric_for_best_model.endswith(("agreement", "acceptance_length"))
+    return [EarlyStoppingCallback(early_stopping_patience=patience)]
 
 
 def leave_process_group() -> None:

@@ -61,6 +61,17 @@ def test_prepare_train_calibrate(tmp_path, prompts, capsys, monkeypatch):
     eagle3 = DreamDraftModel.from_pretrained(tmp_path / "run" / "drafter")
     assert eagle3.config.feature_layers == [1, 2] and eagle3.feature_fusion.in_features == 2 * eagle3.config.hidden_size
 
+    # early stopping: with nothing to learn (lr 0) the held-out loss stalls, and the run stops at its second evaluation
+    # (the steps are read off the curve; --max_steps is a ceiling); teacher signals from a cache on the way
+    with pytest.raises(ValueError, match="saving must follow evaluation"):
+        main(["train", "--config", str(config), "--early_stopping_patience", "1", "--eval_strategy", "steps", "--eval_steps", "1"])
+    steps_evaluated.clear()
+    stopping = ["--early_stopping_patience", "1", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps",
+                "--save_steps", "1", "--max_steps", "6", "--learning_rate", "0", "--teacher_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(["train", "--config", str(config), *stopping]) == 0
+    assert steps_evaluated == [1, 2]
+    assert any((tmp_path / "cache").glob("*/shard-*.safetensors"))
+
     assert main(["calibrate", "--target", "tiny:gemma3", "--dataset", str(data), "--out", str(tmp_path / "cal"), "--all-layers"]) == 0
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert report["candidate_layers"] == [1] and report["response_tokens"] > 0

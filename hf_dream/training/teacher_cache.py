@@ -228,13 +228,19 @@ class TeacherCache:
         keep = torch.ones_like(image_mask)
         if keep_ratio < 1.0 and bool(image_mask.any()):
             keep = select_visual_tokens(stacked["importance"], image_mask, keep_ratio)
+        # logits from the stored features as the live teacher computes them under autocast: in the storage dtype
         features = stacked["features"]
-        with torch.no_grad():
+        half = features.dtype in (torch.bfloat16, torch.float16)
+        with torch.no_grad(), torch.autocast(device.type, dtype=features.dtype, enabled=half):
             logits = adapter.logits(features)
+        # the rest in float32, as the live teacher's hidden states reach the losses (the drafter casts under autocast)
+        for name in ("input_embeds", "features", "mid_features", "feature_inputs"):
+            if stacked[name] is not None:
+                stacked[name] = stacked[name].float()
         mid_layers = stacked["mid_layers"]
         return TeacherSignals(
             input_embeds=stacked["input_embeds"],
-            features=features,
+            features=stacked["features"],
             logits=logits,
             mid_features=stacked["mid_features"],
             mid_layers=None if mid_layers is None else mid_layers.long(),

@@ -175,6 +175,9 @@ class TeacherSignals:
             an EAGLE-3-style drafter's feature fusion; `None` otherwise (the drafter reads `features`).
         importance: With `read_teacher(with_importance=True)`: the attention each position receives in the last
             layer, the visual-token ranking, `(b, n)`; `None` otherwise.
+        top1: The target's greedy next token at every position (the argmax of its full-vocabulary logits), `(b, n)`.
+        logit_rows: `None` when `logits` covers the whole vocabulary; else the vocabulary ids (a reduced draft
+            vocabulary) its last dimension holds, in that order.
     """
 
     input_embeds: torch.Tensor
@@ -185,6 +188,8 @@ class TeacherSignals:
     keep: torch.Tensor
     feature_inputs: torch.Tensor | None = None
     importance: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+    logit_rows: torch.Tensor | None = None
 
 
 def select_layers_by_entropy(entropies: torch.Tensor, candidate_layers: list[int]) -> torch.Tensor:
@@ -251,5 +256,5 @@ def read_teacher(
     feature_inputs = None if feature_layers is None else torch.cat([hidden[layer] for layer in feature_layers], dim=-1)
     return TeacherSignals(
         input_embeds=hidden[0], features=hidden[last], logits=out.logits, mid_features=mid_features, mid_layers=selected, keep=keep,
-        feature_inputs=feature_inputs, importance=importance if with_importance else None,
+        feature_inputs=feature_inputs, importance=importance if with_importance else None, top1=out.logits.argmax(-1),
     )

@@ -37,11 +37,13 @@ def dream_losses(draft, teacher_logits, teacher_features, teacher_mid, mask) -> 
     return losses
 
 
-def top1_agreement(teacher_logits, draft_logits, mask, draft_vocab: torch.Tensor | None = None) -> tuple[int, int]:
-    """(agreeing positions, positions) of the argmax tokens over `mask`; with a reduced draft
-    vocabulary, draft argmaxes are mapped to target ids and teacher argmaxes use its full vocabulary."""
+def top1_agreement(teacher, draft_logits, mask, draft_vocab: torch.Tensor | None = None) -> tuple[int, int]:
+    """(agreeing positions, positions) of the argmax tokens over `mask`. `teacher`: the target's logits over its full
+    vocabulary, or (an integer tensor) its argmax ids themselves; with a reduced draft vocabulary, draft argmaxes are
+    mapped to target ids."""
     draft_top = draft_logits.argmax(-1)
     if draft_vocab is not None:
         draft_top = draft_vocab[draft_top]
-    agree = (teacher_logits.argmax(-1) == draft_top) & mask
+    teacher_top = teacher if not teacher.is_floating_point() else teacher.argmax(-1)
+    agree = (teacher_top == draft_top) & mask
     return int(agree.sum()), int(mask.sum())

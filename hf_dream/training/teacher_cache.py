@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from ..features import TeacherSignals, read_teacher, select_visual_tokens
 from .data import ROW_METADATA, DreamDataCollator
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the target's greedy token per position (top1) stored
 ROW_KEY_COLUMN = "row_key"
 """Column `DreamTrainer` adds to a dataset whose teacher signals come from a cache: the row's digest (int64)."""
 
-_STORED = ("input_embeds", "features", "mid_features", "mid_layers", "feature_inputs", "importance")
+_STORED = ("input_embeds", "features", "mid_features", "mid_layers", "feature_inputs", "importance", "top1")
+_INTEGER = {"mid_layers": torch.uint8, "top1": torch.int32}
 
 
 def row_digest(row: dict) -> int:
@@ -177,7 +178,7 @@ class TeacherCache:
                         if value is None:
                             continue
                         value = value[row_in_batch, :length].detach().cpu()
-                        value = value.to(torch.uint8 if name == "mid_layers" else self._storage_dtype(name))
+                        value = value.to(_INTEGER.get(name) or self._storage_dtype(name))
                         tensors[f"{key}.{name}"] = value.contiguous()
                 bar.update(len(rows))
             self._write_shard(tensors, keys)
@@ -211,9 +212,10 @@ class TeacherCache:
         tensor_name = f"{int(key)}.{name}"
         return handle.get_tensor(tensor_name) if tensor_name in handle.keys() else None
 
-    def signals(self, batch: dict, adapter, keep_ratio: float) -> TeacherSignals:
+    def signals(self, batch: dict, adapter, keep_ratio: float, logit_rows: torch.Tensor | None = None) -> TeacherSignals:
         """The batch's [`TeacherSignals`] (right-padded rows as `DreamDataCollator` lays them out), with the
-        visual tokens kept at `keep_ratio` chosen from the stored attention, and logits from the target's lm_head."""
+        visual tokens kept at `keep_ratio` chosen from the stored attention, and logits from the target's lm_head:
+        over the whole vocabulary, or only its `logit_rows` (a draft vocabulary: far cheaper)."""
         keys, length = batch[ROW_KEY_COLUMN].tolist(), batch["input_ids"].shape[1]
         device = batch["input_ids"].device
         stacked = {}
@@ -232,12 +234,12 @@ class TeacherCache:
         features = stacked["features"]
         half = features.dtype in (torch.bfloat16, torch.float16)
         with torch.no_grad(), torch.autocast(device.type, dtype=features.dtype, enabled=half):
-            logits = adapter.logits(features)
+            logits = adapter.logits(features, rows=logit_rows)
         # the rest in float32, as the live teacher's hidden states reach the losses (the drafter casts under autocast)
         for name in ("input_embeds", "features", "mid_features", "feature_inputs"):
             if stacked[name] is not None:
                 stacked[name] = stacked[name].float()
-        mid_layers = stacked["mid_layers"]
+        mid_layers, top1 = stacked["mid_layers"], stacked["top1"]
         return TeacherSignals(
             input_embeds=stacked["input_embeds"],
             features=stacked["features"],
@@ -246,4 +248,6 @@ class TeacherCache:
             mid_layers=None if mid_layers is None else mid_layers.long(),
             keep=keep,
             feature_inputs=stacked["feature_inputs"],
+            top1=None if top1 is None else top1.long(),
+            logit_rows=logit_rows,
         )

@@ -210,7 +210,9 @@ class DreamTrainer(Trainer):
     def _batch_outputs(self, model, inputs):
         config = self.accelerator.unwrap_model(model).config
         if self.teacher_cache is not None:
-            teacher = self.teacher_cache.signals(inputs, self.adapter, config.visual_keep_ratio)
+            # logits on the draft vocabulary only: the full-vocabulary ones would cost more than the drafter's step
+            draft_vocab = self.accelerator.unwrap_model(model).draft_vocab
+            teacher = self.teacher_cache.signals(inputs, self.adapter, config.visual_keep_ratio, logit_rows=draft_vocab)
         else:
             teacher = read_teacher(
                 self.adapter,
@@ -243,6 +245,8 @@ class DreamTrainer(Trainer):
             drafts, masks = [model(**draft_inputs)], [mask]
         gathered = {
             "logits": _gather(teacher.logits, positions),
+            "top1": None if teacher.top1 is None else torch.gather(teacher.top1, 1, positions),
+            "logit_rows": teacher.logit_rows,
             "features": _gather(teacher.features, positions),
             "mid": None if teacher.mid_features is None else _gather(teacher.mid_features, positions),
         }
@@ -252,7 +256,9 @@ class DreamTrainer(Trainer):
         drafts, gathered, masks, teacher = self._batch_outputs(model, inputs)
         draft_vocab = self.accelerator.unwrap_model(model).draft_vocab
         # with a reduced draft vocabulary the KL compares the target's distribution renormalised on it
-        kl_logits = gathered["logits"] if draft_vocab is None else gathered["logits"][..., draft_vocab]
+        on_draft_vocab = draft_vocab is None or gathered["logit_rows"] is not None
+        kl_logits = gathered["logits"] if on_draft_vocab else gathered["logits"][..., draft_vocab]
+        teacher_top1 = gathered["top1"] if gathered["top1"] is not None else gathered["logits"]
         args = self.args
         prefix = "" if model.training else "eval_"
         weights = [args.ttt_decay**depth for depth in range(len(drafts))]
@@ -263,7 +269,7 @@ class DreamTrainer(Trainer):
             if "mid" in losses:
                 depth_loss = depth_loss + args.w_mid * losses["mid"]
             loss = loss + weight / sum(weights) * depth_loss
-            agree, total = top1_agreement(gathered["logits"], draft.logits.detach(), mask, draft_vocab)
+            agree, total = top1_agreement(teacher_top1, draft.logits.detach(), mask, draft_vocab)
             suffix = "" if depth == 1 else f"_depth{depth}"  # depth 1: the teacher-forced numbers, named as without ttt
             if depth == 1:
                 for name, value in losses.items():

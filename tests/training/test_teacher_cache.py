@@ -73,6 +73,11 @@ def test_stored_signals_are_the_live_teachers(tmp_path, family):
         for name in ("input_embeds", "features", "logits", "mid_features"):
             torch.testing.assert_close(getattr(stored, name)[valid], getattr(live, name)[valid], rtol=1e-4, atol=1e-5, msg=name)
         assert torch.equal(stored.mid_layers[valid], live.mid_layers[valid])
+        assert torch.equal(stored.top1[valid], live.top1[valid]) and torch.equal(live.top1, live.logits.argmax(-1))
+        rows = torch.tensor([3, 0, 7])  # a draft vocabulary: only its rows of the logits, in its order
+        on_rows = cache.signals(batch, adapter, keep_ratio, logit_rows=rows)
+        torch.testing.assert_close(on_rows.logits[valid], live.logits[valid][:, rows], rtol=1e-4, atol=1e-5)
+        assert torch.equal(on_rows.logit_rows, rows)
         assert torch.equal(stored.keep & valid, live.keep & valid)
         if keep_ratio < 1.0 and adapter.image_token_mask(batch["input_ids"]).any():
             assert not bool((stored.keep | ~valid).all())  # some visual tokens dropped: the ranking was really compared
@@ -94,16 +99,23 @@ def test_stored_eagle3_feature_inputs_and_static_supervision(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fusion,keep_ratio,bf16", [("cross_attention", 0.75, False), ("concat", 1.0, False), ("cross_attention", 0.75, True)]
+    "fusion,keep_ratio,bf16,draft_vocab",
+    [("cross_attention", 0.75, False, None), ("concat", 1.0, False, 64), ("cross_attention", 0.75, True, 64)],
 )
-def test_training_losses_are_the_same_with_the_cache(tmp_path, fusion, keep_ratio, bf16):
+def test_training_losses_are_the_same_with_the_cache(tmp_path, fusion, keep_ratio, bf16, draft_vocab):
     # float32: the same numbers; bf16 autocast (signals stored in bf16, logits recomputed under autocast): close
     target = cached_target("llava")
     dataset = prepare(tmp_path, "llava", num=4)
 
     def first_batch_loss(cache_dir):
         torch.manual_seed(0)
-        drafter = DreamDraftModel.from_target(target, fusion=fusion, visual_keep_ratio=keep_ratio)
+        drafter = DreamDraftModel.from_target(target, fusion=fusion, visual_keep_ratio=keep_ratio, draft_vocab_size=draft_vocab)
+        if draft_vocab:  # the cache then gives logits on these rows only
+            drafter.set_draft_vocab(
+                torch.randperm(target.config.get_text_config().vocab_size, generator=torch.Generator().manual_seed(1))[
+                    :draft_vocab
+                ]
+            )
         args = DreamTrainingArguments(
             output_dir=str(tmp_path / "out"),
             per_device_train_batch_size=4,

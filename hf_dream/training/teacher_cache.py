@@ -86,6 +86,7 @@ class TeacherCacheSettings:
     storage_dtype: str = "bfloat16"
 
     def digest(self) -> str:
+        """16 hex digits naming the cache folder of these settings (the cache format version included)."""
         text = json.dumps({"format": CACHE_FORMAT, **self.__dict__}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

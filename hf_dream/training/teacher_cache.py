@@ -1,9 +1,8 @@
 """Teacher signals computed once per training row and stored, so that training runs the target once per
 row instead of once per step.
 
-A DREAM training step spends most of its time in the frozen target's teacher-forced pass (on smolvlm-ref
-v2, batch 4 on one CPU core: about four fifths of the step; `benchmarks/reference/smolvlm-ref/teacher-cache.json`
-has the measurement). That pass is deterministic, so [`TeacherCache`] runs it once per row and keeps what
+On a CPU, or with a small target, a DREAM training step spends most of its time in the frozen target's
+teacher-forced pass (the repository's `benchmarks/training/teacher_cost.md` measures a step both ways). That pass is deterministic, so [`TeacherCache`] runs it once per row and keeps what
 [`read_teacher`] returns, in safetensors shards under one directory:
 
 - rows are addressed by a digest of their target inputs (not their index), so the train and eval splits,
